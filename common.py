@@ -1,0 +1,662 @@
+"""Shared parts of the five method scripts: clustering metrics, the ViT and MAE building blocks, and
+the plumbing every script needs alike (arguments, device and precision, seeding, distributed
+training, checkpoints, the run folder and its files).
+
+No method logic lives here: losses, heads and training loops are in the method files.
+"""
+import argparse
+import atexit
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering metrics (SPEC §1: transductive, NMI arithmetic, ACC by Hungarian matching, ARI)
+# ---------------------------------------------------------------------------------------------
+def contingency(y_true, y_pred):
+    """Counts of (predicted cluster, true class) pairs; label ids may be arbitrary integers."""
+    _, t = np.unique(np.asarray(y_true), return_inverse=True)
+    _, p = np.unique(np.asarray(y_pred), return_inverse=True)
+    table = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)
+    np.add.at(table, (p, t), 1)
+    return table  # (clusters, classes)
+
+
+def cluster_acc(y_true, y_pred):
+    """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors.
+
+    Empty clusters, non-contiguous ids and more clusters than classes are all fine: only the ids
+    that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here).
+    """
+    table = contingency(y_true, y_pred)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / table.sum())
+
+
+def cluster_metrics(y_true, y_pred):
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {
+        "nmi": float(normalized_mutual_info_score(y_true, y_pred)),  # arithmetic normalisation
+        "acc": cluster_acc(y_true, y_pred),
+        "ari": float(adjusted_rand_score(y_true, y_pred)),
+    }
+
+
+def cluster_health(y_pred, num_clusters):
+    """Is the model collapsing? Entropy of the assignment (nats; log K is uniform), smallest and
+    largest cluster share, and how many of the K clusters are empty."""
+    share = np.bincount(np.asarray(y_pred), minlength=num_clusters) / len(y_pred)
+    nz = share[share > 0]
+    return {
+        "entropy": float(-(nz * np.log(nz)).sum()),
+        "min_share": float(share.min()),
+        "max_share": float(share.max()),
+        "empty": int((share == 0).sum()),
+    }
+
+
+def kmeans(features, num_clusters, seed, n_init=10):
+    """k-means on L2-normalised features (sklearn). Returns labels and a confidence per sample:
+    the softmax over negative squared distances to the centroids, taken at the assigned one."""
+    from sklearn.cluster import KMeans
+
+    x = F.normalize(torch.as_tensor(features).float(), dim=1).numpy()
+    km = KMeans(num_clusters, n_init=n_init, random_state=seed).fit(x)
+    d2 = torch.as_tensor(km.transform(x)) ** 2
+    conf = torch.softmax(-d2, dim=1).max(dim=1).values
+    return torch.as_tensor(km.labels_, dtype=torch.long), conf.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT building blocks (SPEC §2 "ViT details", "Conv stem", "Position embeddings")
+# ---------------------------------------------------------------------------------------------
+def sincos_2d(dim, grid_size, cls_token=True):
+    """Fixed 2-D sine-cosine position table, (1 + grid_size**2, dim), CLS row zero.
+
+    Convention (MAE's): the first dim/2 channels encode the column (x) coordinate, the last dim/2
+    the row (y); within each half, the first quarter is sin(pos * w_k), the second cos(pos * w_k),
+    with w_k = 1 / 10000**(k / (dim/4)), k = 0 .. dim/4-1. Token t = row * grid_size + col.
+    """
+    if dim % 4:
+        raise ValueError(f"the sin-cos table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def embed(pos):  # (L,) -> (L, dim/2)
+        angle = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    table = torch.cat([embed(cols), embed(rows)], dim=1).float()
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim), table])
+    return table
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, GELU, no dropout."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ConvStem(nn.Sequential):
+    """Four 3x3 stride-2 convs (no bias) with BN and ReLU, widths dim/8, dim/4, dim/2, dim, then a
+    1x1 conv with bias: a 16x down-sampling like a 16x16 patchify, with a convolutional early stage
+    (Xiao et al. 2021, used by VTCC and ViT-IC)."""
+
+    def __init__(self, dim, in_chans=3):
+        layers, c_in = [], in_chans
+        for c_out in (dim // 8, dim // 4, dim // 2, dim):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        layers.append(nn.Conv2d(dim, dim, 1))
+        super().__init__(*layers)
+
+
+class PatchifyStem(nn.Conv2d):
+    """The plain ViT stem: non-overlapping 16x16 patches, linearly embedded."""
+
+    def __init__(self, dim, in_chans=3, patch_size=16):
+        super().__init__(in_chans, dim, patch_size, stride=patch_size)
+
+
+def random_masking(x, mask_ratio, generator=None):
+    """MAE masking by sorting per-sample noise: keep the first L*(1-mask_ratio) tokens of a random
+    permutation. Returns the kept tokens (B, L_keep, D), the mask (B, L; 1 = removed) in the
+    original order, and ids_restore, the inverse permutation that puts the tokens back."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    noise = torch.rand(B, L, generator=generator).to(x.device)
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return kept, mask, ids_restore
+
+
+class ViT(nn.Module):
+    """A ViT returning the CLS token after the final LayerNorm.
+
+    stem: "conv" (VTCC, ViT-IC) or "patchify" (16x16, PICI's MAE and VTCC's Table V ablation).
+    positions: "fixed" 2-D sin-cos buffer (VTCC, ViT-IC) or "learnable" parameters initialised from
+    it (PICI). The image size sets the token grid, (image_size / 16)**2 tokens plus CLS.
+    """
+
+    def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed"):
+        super().__init__()
+        if image_size % 16 or image_size < 16:
+            raise ValueError(f"image size {image_size} is not a multiple of 16: the ViT's stem down-samples by 16; use e.g. 32, 64, 128 or 224")
+        if stem not in ("conv", "patchify") or positions not in ("fixed", "learnable"):
+            raise ValueError(f"stem must be conv|patchify and positions fixed|learnable, got {stem}, {positions}")
+        self.image_size, self.dim = image_size, dim
+        self.num_patches = (image_size // 16) ** 2
+        self.stem = ConvStem(dim) if stem == "conv" else PatchifyStem(dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        table = sincos_2d(dim, image_size // 16)[None]  # (1, 1 + L, dim)
+        if positions == "learnable":
+            self.pos_embed = nn.Parameter(table)
+        else:
+            self.register_buffer("pos_embed", table, persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        init_vit_weights(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_features(self, x, mask_ratio=0.0, generator=None):
+        """All tokens after the final norm, (B, 1 + L_kept, dim), and the MAE mask and ids_restore
+        (None without masking)."""
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"this ViT was built for {self.image_size} px input, got {tuple(x.shape[-2:])}")
+        t = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, dim)
+        mask = ids_restore = None
+        if mask_ratio > 0:
+            t, mask, ids_restore = random_masking(t, mask_ratio, generator)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1)
+        for block in self.blocks:
+            t = block(t)
+        return self.norm(t), mask, ids_restore
+
+    def forward(self, x):
+        return self.forward_features(x)[0][:, 0]
+
+
+def init_vit_weights(module):
+    """Linear layers xavier-uniform with zero bias, LayerNorm (1, 0) (SPEC §2, as MAE/ViT code)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
+# ---------------------------------------------------------------------------------------------
+def patchify(images, patch_size=16):
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels (p, p, C) inside a patch."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(patches, patch_size=16, channels=3):
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for a square grid."""
+    B, L, _ = patches.shape
+    p, g = patch_size, math.isqrt(L)
+    x = patches.reshape(B, g, g, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, g * p, g * p)
+
+
+class MAEDecoder(nn.Module):
+    """Embeds the encoder's visible tokens, puts learned mask tokens in the removed places
+    (ids_restore), adds its own position table and predicts the p*p*3 pixels of every patch."""
+
+    def __init__(self, num_patches, encoder_dim=384, dim=512, depth=8, heads=16, patch_size=16, positions="learnable"):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        table = sincos_2d(dim, math.isqrt(num_patches))[None]
+        if positions == "learnable":
+            self.pos_embed = nn.Parameter(table)
+        else:
+            self.register_buffer("pos_embed", table, persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_size * patch_size * 3)
+        init_vit_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent, ids_restore):
+        x = self.embed(latent)  # (B, 1 + L_keep, dim)
+        B, L = ids_restore.shape
+        masked = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        t = torch.cat([x[:, 1:], masked], dim=1)  # visible first, then mask tokens: the shuffled order
+        t = torch.gather(t, 1, ids_restore[:, :, None].expand(-1, -1, t.shape[2]))  # original order
+        t = torch.cat([x[:, :1], t], dim=1) + self.pos_embed
+        for block in self.blocks:
+            t = block(t)
+        return self.pred(self.norm(t))[:, 1:]  # (B, L, p*p*3), CLS dropped
+
+
+def masked_patch_mse(pred, target, mask, eps=1e-6):
+    """MSE between predicted and true patches over the masked patches only; each target patch is
+    normalised by its own mean and variance first (MAE's norm_pix_loss). pred, target (B, L, P);
+    mask (B, L), 1 = masked."""
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: each script declares a dataclass `Args` whose fields carry their help text.
+# ---------------------------------------------------------------------------------------------
+def arg(default, help, **kwargs):
+    """A field of a script's Args: default, help line (citing the paper), and optional argparse
+    keywords such as choices= or type= (needed where the default is None)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def parse_args(cls, argv=None, description=None):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_ = meta.pop("help")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            meta.setdefault("type", type(f.default) if f.default is not None else str)
+            parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})", **meta)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    """Bad input: one clear line on stderr, exit code 2, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(condition, message):
+    if not condition:
+        fail(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision, seeding, distributed training (speed issue: nanoGPT-style, CPU-safe)
+# ---------------------------------------------------------------------------------------------
+class Env:
+    """What a run runs on: device, autocast dtype, distributed rank, and where its files go."""
+
+    def __init__(self, args, method):
+        check(args.batch_size >= 2, f"--batch-size must be at least 2 (contrastive losses need negatives), got {args.batch_size}")
+        check(args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
+        check(args.num_clusters is None or args.num_clusters >= 2, f"--num-clusters must be at least 2, got {args.num_clusters}")
+        check(args.image_size >= 8, f"--image-size must be at least 8, got {args.image_size}")
+        self.method = method
+        # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run never touches torch.distributed.
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.distributed = self.world_size > 1
+        self.is_main = self.rank == 0
+        check(args.batch_size % self.world_size == 0, f"--batch-size {args.batch_size} (the global batch) must divide by the {self.world_size} processes")
+        self.device = pick_device(args.device, self.local_rank if self.distributed else None)
+        if self.distributed and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            atexit.register(torch.distributed.destroy_process_group)
+        self.dtype = pick_precision(args.precision, self.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not args.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        """bf16/fp16 autocast for the model's forward; losses are computed in fp32 by the scripts."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def precision(self):
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def step(self, loss, optimizer):
+        """Backward and optimiser step, through the GradScaler when fp16 needs one."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def pick_device(name, local_rank=None):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        check(torch.cuda.is_available(), f"--device {name} asked for CUDA but none is available: use --device cpu")
+        if local_rank is not None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        fail(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def pick_precision(name, device):
+    """auto: bf16 autocast on CUDA where supported, else fp32 (CPU runs are fp32: exact and
+    reproducible). Returns the autocast dtype, None for fp32."""
+    check(name in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {name!r}: use auto, fp32, bf16 or fp16")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    check(not (name == "fp16" and device.type != "cuda"), "--precision fp16 needs CUDA: use fp32 or bf16 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def prepare(model, env, channels_last=False, compile=False, find_unused=False):
+    """Model to the device; SyncBatchNorm + DistributedDataParallel under torchrun; torch.compile
+    on request. Returns (model, net): `model` for state dicts and evaluation, `net` to train."""
+    model = model.to(env.device)
+    if channels_last and env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if env.distributed:
+        # BatchNorm statistics over the global batch, as in one process on the same batch.
+        net = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    if compile:
+        net = torch.compile(net)
+    return model, net
+
+
+def gather(*tensors, env):
+    """Concatenate every process's rows, keeping gradients (all_gather's backward sums the
+    gradients from all processes); with DDP's gradient averaging this gives exactly the gradient of
+    the loss over the global batch. One process: the tensors unchanged."""
+    if not env.distributed:
+        return tensors if len(tensors) > 1 else tensors[0]
+    from torch.distributed.nn.functional import all_gather
+
+    out = tuple(torch.cat(all_gather(t.contiguous()), dim=0) for t in tensors)
+    return out if len(out) > 1 else out[0]
+
+
+def adam(params, lr, env):
+    """Adam with weight decay 0 (SPEC §1); the fused CUDA kernel where it exists."""
+    return torch.optim.Adam(params, lr=lr, fused=env.device.type == "cuda")
+
+
+def place_images(images, choice, env, share=0.25):
+    """Keep the uint8 dataset on the GPU when it fits in `share` of the free memory (auto), so
+    batches are indexed and augmented there with no host transfer."""
+    check(choice in ("auto", "yes", "no"), f"--data-on-device must be auto, yes or no, got {choice!r}")
+    if env.device.type != "cuda" or choice == "no":
+        return images
+    if choice == "auto" and images.numel() > share * torch.cuda.mem_get_info(env.device)[0]:
+        return images
+    return images.to(env.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation helper: run a function over the whole dataset in large inference batches
+# ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict(fn, images, transform, env, batch_size=512):
+    """fn(x) -> dict of (B, ...) tensors; returns the dict of concatenated CPU fp32 tensors, in
+    dataset order. `transform` turns a uint8 batch on the device into the model's input."""
+    out = {}
+    for start in range(0, len(images), batch_size):
+        x = transform(images[start:start + batch_size].to(env.device, non_blocking=True))
+        with env.autocast():
+            for key, value in fn(x).items():
+                out.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, logging, checkpoints, final files (CONTRACT "What a run writes")
+# ---------------------------------------------------------------------------------------------
+def run_dir(args, method):
+    """<out-dir>/<run-name>. Default name <method>-<dataset>-seed<seed>, numbered -2, -3, ... for
+    new runs, so no earlier run is overwritten; `--resume auto` continues the newest one."""
+    out = Path(args.out_dir)
+    if args.run_name:
+        path = out / args.run_name
+        check(args.resume is not None or args.eval_only or not (path / "checkpoint.pt").exists(),
+              f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
+        return path
+    base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}"
+    taken = [out / base] + sorted((p for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()), key=lambda p: int(p.name[len(base) + 1:]))
+    taken = [p for p in taken if p.exists()]
+    if args.resume == "auto" and taken:
+        return taken[-1]
+    if not taken:
+        return out / base
+    return out / f"{base}-{len(taken) + 1}"
+
+
+def write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **extra):
+    return {
+        "method": method,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": env.scaler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "args": dataclasses.asdict(args),
+        **extra,
+    }
+
+
+def load_checkpoint(path, method, run_path=None):
+    """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's."""
+    if path == "auto":
+        path = Path(run_path) / "checkpoint.pt"
+    path = Path(path)
+    check(path.is_file(), f"no checkpoint at {path}: start without --resume, or give the checkpoint's path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        fail(f"cannot read checkpoint {path}: {e}")
+    check(state.get("method") == method, f"{path} is a checkpoint of {state.get('method')!r}, not {method!r}: use the matching script")
+    return state
+
+
+def restore(state, model, optimizer, env, generator):
+    """Load what checkpoint_state wrote; strict, so a missing or extra weight is an error."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    env.scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"]
+
+
+class Logger:
+    """One line per epoch on the console and one JSON object per epoch in log.jsonl (rank 0)."""
+
+    def __init__(self, path, env):
+        self.path, self.env = Path(path), env
+        if env.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def print(self, *msg):
+        if self.env.is_main:
+            print(*msg, flush=True)
+
+    def log(self, record):
+        if self.env.is_main:
+            with open(self.path / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def epoch_line(record, epochs, seconds_left):
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss")]
+    parts += [f"{k} {record[k]:.3f}" for k in ("nmi", "acc", "ari") if record.get(k) is not None]
+    parts.append(f"{record['img_per_s']:.0f} img/s")
+    parts.append(f"left {time.strftime('%H:%M:%S', time.gmtime(seconds_left))}")
+    return " | ".join(parts)
+
+
+def peak_memory_mb(env):
+    if env.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(env.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def evaluation_record(labels, pred, num_clusters):
+    """Metrics (None for unlabelled data) and cluster health for one set of assignments."""
+    record = {"nmi": None, "acc": None, "ari": None}
+    if labels is not None:
+        record.update(cluster_metrics(labels.numpy(), pred.numpy()))
+    record.update(cluster_health(pred.numpy(), num_clusters))
+    return record
+
+
+def write_results(path, ds, pred, conf, record, extra):
+    """final.json, assignments.csv (one row per image) and clusters.png (a row of up to 10
+    images per cluster, largest cluster first)."""
+    path = Path(path)
+    write_json(path / "final.json", {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **extra})
+    with open(path / "assignments.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "file", "label", "cluster", "confidence"])
+        labels = ds.labels.tolist() if ds.labels is not None else [""] * len(pred)
+        for i, (name, y, c, p) in enumerate(zip(ds.files, labels, pred.tolist(), conf.tolist())):
+            w.writerow([i, name, y, c, f"{p:.4f}"])
+    save_cluster_grid(path / "clusters.png", ds.images, pred, conf)
+
+
+def save_cluster_grid(path, images, pred, conf, per_row=10, size=64):
+    from torchvision.utils import save_image
+
+    order = torch.bincount(pred).argsort(descending=True)
+    rows = []
+    for c in order.tolist():
+        members = (pred == c).nonzero().flatten()
+        if len(members) == 0:
+            continue
+        members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
+        row = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        rows.append(torch.cat([row, torch.ones(per_row - len(members), 3, size, size)]))
+    save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+
+
+def load_data(args, env, with_unlabeled=False):
+    """data.load_dataset with its errors turned into one clear line (exit 2). Under torchrun
+    rank 0 decodes and caches first; the others then read the cache."""
+    import data
+
+    def load():
+        return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
+                                 seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled)
+
+    try:
+        if env.distributed and not env.is_main:
+            torch.distributed.barrier()
+        ds = load()
+        if env.distributed and env.is_main:
+            torch.distributed.barrier()
+    except data.DataError as e:
+        fail(str(e))
+    check(len(ds.images) >= args.batch_size, f"{ds.name} has {len(ds.images)} images, fewer than --batch-size {args.batch_size}: lower --batch-size")
+    return ds
+
+
+def header(logger, method, ds, env, model, run_path):
+    params = sum(p.numel() for p in model.parameters())
+    logger.print(f"{method} | dataset {ds.name} | {len(ds.images)} images | K {ds.num_classes} | device {env.device} "
+                 f"| precision {env.precision} | {params / 1e6:.2f}M parameters | world {env.world_size} | run {run_path}")
+
+
+def fail_nonfinite(epoch, run_path):
+    """A diverged run stops before its bad state can overwrite the last good checkpoint."""
+    good = Path(run_path) / "checkpoint.pt"
+    where = f"the last good checkpoint is {good}" if good.exists() else "no checkpoint was written yet"
+    print(f"error: the loss became NaN or infinite in epoch {epoch}; {where} (try a lower --lr or --precision fp32)", file=sys.stderr)
+    sys.exit(1)
+
+
+def finish(run_path, ds, pred, conf, env, logger, **stats):
+    """Final evaluation record, result files and the closing lines on the console (rank 0)."""
+    record = evaluation_record(ds.labels, pred, ds.num_classes)
+    stats.update(device=str(env.device), precision=env.precision, peak_memory_mb=round(peak_memory_mb(env), 1), world_size=env.world_size)
+    write_results(run_path, ds, pred, conf, record, {**stats, **{k: record[k] for k in ("entropy", "min_share", "max_share", "empty")}})
+    if record["nmi"] is None:
+        logger.print("final: unlabelled data, no metrics")
+    else:
+        logger.print(f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
+    logger.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {stats['epochs']} epochs | files in {run_path}")
+    return record
