@@ -416,8 +416,10 @@ def prepare(model, env, channels_last=False, compile=False, find_unused=False):
         model = model.to(memory_format=torch.channels_last)
     net = model
     if env.distributed:
-        # BatchNorm statistics over the global batch, as in one process on the same batch.
-        net = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if env.device.type == "cuda":  # BatchNorm statistics over the global batch, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif env.is_main:  # PyTorch's SyncBatchNorm is CUDA-only
+            print("note: several CPU processes: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
         ids = [env.device.index] if env.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
     if compile:

@@ -1,0 +1,128 @@
+"""Benchmark data.py's batched augmentation against the model step it feeds and against torchvision's PIL pipeline.
+
+    python bench_data.py --size 64 --batch 256          # CC views vs ResNet34 forward+backward on them
+    python bench_data.py --size 64 --batch 256 --pil    # also PIL transforms in a DataLoader at 224 px
+
+The goal is augmentation time < 10% of the model's. Images: the shared UC Merced copy when present
+(else random pixels). Runs on CUDA when present.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torchvision
+
+import data
+
+
+def timed(fn, device, repeat):
+    """(fastest wall time, median process CPU time) of fn() over repeat runs, after one warm-up.
+
+    On a shared CPU the wall time swings with other processes' load; the CPU time (all threads of
+    this process) is steadier, and the fastest wall time is the least disturbed run.
+    """
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return min(walls), statistics.median(cpus)
+
+
+def pil_images_per_s(files, args):
+    """torchvision's v1 transforms of the CC recipe on PIL images, decoded from disk as CC's own code does."""
+    T = torchvision.transforms
+    view = T.Compose([
+        T.RandomResizedCrop(224, scale=(0.08, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+        T.ToTensor(),
+    ])
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            from PIL import Image
+            with Image.open(files[i]) as im:
+                im = im.convert("RGB")
+            return view(im), view(im)
+
+    loader = torch.utils.data.DataLoader(Files(), batch_size=args.batch, num_workers=args.workers, shuffle=True)
+    t = time.perf_counter()
+    n = sum(len(a) for a, _ in loader)
+    return n / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=64, help="image size of the views")
+    p.add_argument("--batch", type=int, default=256, help="images per batch (two views each)")
+    p.add_argument("--recipe", default="cc", help="augmentation recipe: cc, vtcc, vitic or pici")
+    p.add_argument("--dataset", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                                     "data", "ucmerced"), help="image folder for real pixels")
+    p.add_argument("--data-root", default="./data", help="where the decoded-image cache goes")
+    p.add_argument("--repeat", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--pil", action="store_true", help="also time torchvision's PIL transforms in a DataLoader")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for --pil")
+    p.add_argument("--pil-images", type=int, default=512, help="images to push through the PIL pipeline")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, recipe {args.recipe}")
+
+    def images(size, n):
+        if os.path.isdir(args.dataset):
+            return data.load_dataset(args.dataset, root=args.data_root, image_size=size, max_images=n).images
+        return torch.randint(0, 256, (n, 3, round(size * 256 / 224), round(size * 256 / 224)), dtype=torch.uint8)
+
+    x = images(args.size, args.batch).to(device)
+    aug = data.Augmentation(args.recipe, args.size)
+    g = torch.Generator().manual_seed(0)
+    t_aug, c_aug = timed(lambda: aug.views(x, g), device, args.repeat)
+
+    model = torchvision.models.resnet34().to(device)
+    x_a, x_b = aug.views(x, g)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        (model(x_a).square().mean() + model(x_b).square().mean()).backward()
+
+    t_model, c_model = timed(step, device, args.repeat)
+    print(f"size {args.size}: storage {x.shape[-1]} px; wall s (fastest of {args.repeat}), CPU s (median)")
+    print(f"augmentation (2 views)        wall {t_aug:8.3f}  cpu {c_aug:8.3f}   {args.batch / t_aug:.0f} images/s")
+    print(f"resnet34 forward+backward     wall {t_model:8.3f}  cpu {c_model:8.3f}   "
+          f"{args.batch / t_model:.0f} images/s")
+    print(f"augmentation / model          wall {100 * t_aug / t_model:7.1f}%  cpu {100 * c_aug / c_model:7.1f}%")
+
+    if args.pil:
+        x224 = images(224, args.batch).to(device)
+        aug224 = data.Augmentation("cc", 224)
+        t224, _ = timed(lambda: aug224.views(x224, g), device, args.repeat)
+        print(f"batched cc views at 224 px    {args.batch / t224:.0f} images/s "
+              f"(two views each, from a {x224.shape[-1]} px cache)")
+        if os.path.isdir(args.dataset):
+            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.dataset) for f in fs)
+            files = files[::max(1, len(files) // args.pil_images)][:args.pil_images]  # spread over the classes
+            print(f"PIL cc views at 224 px        {pil_images_per_s(files, args):.0f} images/s "
+                  f"(two views each, DataLoader with {args.workers} workers, JPEG decoded each time)")
+        else:
+            print("PIL pipeline skipped: needs --dataset (a folder of images)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Contrastive Clustering (CC).
+
+Li, Hu, Liu, Peng, Zhou, Peng. "Contrastive Clustering". AAAI 2021.
+A ResNet34 embeds two augmented views of each image; an instance head is trained with NT-Xent on
+the rows of the feature matrix and a cluster head with NT-Xent on its columns (soft cluster
+assignments), plus an entropy term against collapse. The cluster head's argmax is the clustering.
+
+Usage: python cc.py --dataset cifar10 --epochs 1000
+       python cc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+import data
+from common import arg
+
+
+@dataclass
+class Args:
+    dataset: str = arg("digits", "dataset name (cifar10, stl10, imagenet10, ...; see README) or a folder of images")
+    data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
+    image_size: int = arg(224, "input size: CC paper, Sec. 4.2, every image resized to 224x224")
+    epochs: int = arg(1000, "training epochs: CC paper, Sec. 4.2")
+    batch_size: int = arg(256, "global batch size: CC paper, Sec. 4.2")
+    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: CC paper, Sec. 4.2")
+    instance_temperature: float = arg(0.5, "tau_I of the instance loss: CC paper, Sec. 4.2")
+    cluster_temperature: float = arg(1.0, "tau_C of the cluster loss: CC paper, Sec. 4.2")
+    feature_dim: int = arg(128, "instance head output size: CC paper, Sec. 4.2")
+    backbone: str = arg("resnet34", "ResNet depth: CC paper uses ResNet34 (Sec. 4.2); Table 5 compares 18/34/50",
+                        choices=["resnet18", "resnet34", "resnet50"])
+    stl10_unlabeled: bool = arg(True, "STL-10 only: also train the instance head on the 100k unlabeled images (CC paper, Sec. 4.1)")
+    seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
+    device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the network")
+    deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
+    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
+    eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
+    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
+    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    out_dir: str = arg("runs", "where run folders are written")
+    run_name: str = arg(None, "run folder name (default: cc-<dataset>-seed<seed>, numbered when taken)")
+    max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+
+
+class Network(nn.Module):
+    """ResNet backbone with the fc layer removed (CC paper, Sec. 3.1, Fig. 2), an instance head
+    (two-layer MLP to the row space) and a cluster head (two-layer MLP to K, softmax)."""
+
+    def __init__(self, num_clusters, image_size=224, backbone="resnet34", feature_dim=128):
+        super().__init__()
+        self.backbone = getattr(torchvision.models, backbone)(weights=None)  # random init (Sec. 4.2: from scratch)
+        width = self.backbone.fc.in_features  # 512 for ResNet18/34, 2048 for ResNet50
+        self.backbone.fc = nn.Identity()
+        self.instance_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, feature_dim))
+        self.cluster_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_clusters), nn.Softmax(dim=1))
+
+    def forward(self, x):
+        h = self.backbone(x)
+        return self.instance_head(h), self.cluster_head(h)  # z (B, 128), p (B, K)
+
+
+def instance_loss(z_a, z_b, temperature):
+    """NT-Xent over the 2N augmented samples (CC paper, Sec. 3.2, Eq. 1-3).
+
+    Each row's positive is its other view; the denominator holds the other 2N-1 rows (self
+    excluded, SPEC §1: the authors confirmed the exclusion)."""
+    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
+    n = len(z_a)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)  # Eq. (2) per row, Eq. (3) mean over the 2N rows
+
+
+def cluster_loss(p_a, p_b, temperature, eps=1e-8):
+    """Cluster-level contrastive loss (CC paper, Sec. 3.3, Eq. 4-6).
+
+    The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
+    2K columns (Eq. 4-5), plus log K - H(P) per view, where P is the batch's share of each cluster.
+    The paper writes "- H(Y)" with H defined as sum P log P; minimising log K - H maximises the
+    entropy, as the authors' code does (SPEC §1). The clamp keeps value and gradient finite when a
+    cluster gets no mass."""
+    p_a, p_b = p_a.float(), p_b.float()
+    contrastive = instance_loss(p_a.T, p_b.T, temperature)  # Eq. (4)-(5): same NT-Xent, on columns
+    entropy = 0.0
+    for p in (p_a, p_b):
+        share = p.sum(dim=0) / p.sum()  # P(y_i) = sum_j Y_ji / ||Y||_1
+        entropy = entropy + torch.log(torch.tensor(float(p.shape[1]))) + (share * torch.log(share.clamp_min(eps))).sum()
+    return contrastive + entropy  # Eq. (6)
+
+
+def evaluate(model, images, aug, env):
+    """Cluster = argmax of the cluster head on the deterministic eval view (SPEC §1)."""
+    model.eval()
+    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
+    model.train()
+    conf, pred = out["p"].max(dim=1)
+    return pred, conf
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, description=__doc__)
+    env = common.Env(args, "cc")
+    run_path = common.run_dir(args, "cc")
+    logger = common.Logger(run_path, env)
+    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
+    s, blur = data.cc_strength(ds.name)  # colour strength s and blur per dataset (CC paper, Sec. 4.2; SPEC §2)
+    aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
+    unlabeled = ds.unlabeled  # None but for STL-10
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim), env,
+                                channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
+    optimizer = common.adam(model.parameters(), args.lr, env)
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
+    common.header(logger, "CC", ds, env, model, run_path)
+
+    start_epoch = 0
+    if args.eval_only or args.resume:
+        state = common.load_checkpoint(args.eval_only or args.resume, "cc", run_path)
+        start_epoch = common.restore(state, model, optimizer, env, gen)
+        logger.print(f"resumed from epoch {start_epoch}")
+    if env.is_main:
+        common.write_json(run_path / "args.json", vars(args))
+    images = common.place_images(ds.images, args.data_on_device, env)
+
+    def save(epoch):
+        if env.is_main:
+            common.atomic_save(common.checkpoint_state("cc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
+
+    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
+    try:
+        for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            t0, steps = time.perf_counter(), 0
+            totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
+            if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (Sec. 4.1)
+                for x, _, _ in data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                    x_a, x_b = aug.views(x, gen)
+                    with env.autocast():
+                        z_a, _ = net(x_a)
+                        z_b, _ = net(x_b)
+                    z_a, z_b = common.gather(z_a, z_b, env=env)
+                    env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
+            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                x_a, x_b = aug.views(x, gen)
+                with env.autocast():
+                    z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_b, p_b = net(x_b)
+                z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
+                loss_instance = instance_loss(z_a, z_b, args.instance_temperature)
+                loss_cluster = cluster_loss(p_a, p_b, args.cluster_temperature)
+                env.step(loss_instance + loss_cluster, optimizer)  # Eq. (7)
+                totals += torch.stack([loss_instance.detach(), loss_cluster.detach()])
+                steps += 1
+
+            loss_instance, loss_cluster = (totals / steps).tolist()
+            seconds = time.perf_counter() - t0
+            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
+            record = {"epoch": epoch + 1, "loss": loss_instance + loss_cluster, "loss_instance": loss_instance,
+                      "loss_cluster": loss_cluster, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                common.fail_nonfinite(epoch + 1, run_path)
+            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+                pred, _ = evaluate(model, ds.images, aug, env)
+                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
+            logger.log(record)
+            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(epoch + 1)
+            done = epoch + 1
+    except KeyboardInterrupt:
+        save(done)  # the weights as they are; resuming repeats the interrupted epoch
+        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
+        raise SystemExit(130)
+
+    if env.is_main:
+        pred, conf = evaluate(model, ds.images, aug, env)
+        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
+                      wall_seconds=time.perf_counter() - wall_start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,693 @@
+"""Datasets and batched augmentations shared by the five method scripts (CC, VTCC, ViT-IC, PICI, DCSC).
+
+Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
+augmented a whole batch at a time on the training device: the random parameters come from a seeded
+CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling
+(SPEC.md §2), and no DataLoader workers are needed.
+
+    ds = load_dataset("ucmerced", root="./data", image_size=224)
+    aug = Augmentation("cc", 224, *cc_strength("ucmerced"))
+    for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
+        x_a, x_b = aug.views(x.to(device), g)
+"""
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# number of classes per dataset (SPEC §3); a folder path is also accepted
+DATASETS = {
+    "digits": 10, "cifar10": 10, "cifar100": 20, "stl10": 10, "imagenet10": 10, "imagenet-dogs": 15,
+    "tiny-imagenet": 200, "rsod": 4, "ucmerced": 21, "siri-whu": 12, "aid": 30, "d0": 40, "dtd": 47,
+    "chaoyang": 4,
+}
+IMAGENET_WNIDS = {
+    "imagenet10": "n02056570 n02085936 n02128757 n02690373 n02692877 n03095699 n04254680 n04285008 "
+                  "n04467665 n07747607".split(),
+    "imagenet-dogs": "n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
+                     "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
+}
+# CIFAR-100's 20 super-classes and their 5 classes each (the dataset's own hierarchy); the coarse
+# label ids are the super-class names in alphabetical order, as in the dataset's meta file.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": "beaver dolphin otter seal whale",
+    "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip",
+    "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe",
+    "insects": "bee beetle butterfly caterpillar cockroach",
+    "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk",
+    "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman",
+    "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train",
+    "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+# fine label id (fine names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
+_coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
+CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 1  # bump when the decoding changes, so old caches are rebuilt
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message says how to fix it (scripts exit with code 2)."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8, CPU
+    labels: torch.Tensor | None  # (N,) int64, None for unlabelled data
+    files: list  # N file paths relative to the folder, or "cifar10/train/123"-style ids
+    classes: list  # class names ([] for unlabelled data)
+    num_classes: int  # K: --num-clusters when given, else len(classes)
+    name: str
+    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss); else None
+
+    def __len__(self):
+        return len(self.images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
+                 with_unlabeled=False, storage_size=None, workers=None):
+    """Load a dataset of SPEC §3 (or any image folder) as an ImageSet of uint8 images.
+
+    Images are stored at S = storage_size (default image_size*256/224, the usual resize-then-crop
+    margin), or at their native size when smaller (digits 8, CIFAR 32, STL-10 96).
+    """
+    if num_clusters is not None and num_clusters < 2:
+        raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
+    if max_images is not None and max_images < 2:
+        raise DataError(f"--max-images must be at least 2, got {max_images}")
+    size = storage_size or round(image_size * 256 / 224)
+    name = str(name_or_path)
+    unlabeled = None
+    if name == "digits":
+        ds = _load_digits(size, max_images, seed)
+    elif name in ("cifar10", "cifar100"):
+        ds = _load_cifar(name, root, size, max_images, seed)
+    elif name == "stl10":
+        ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
+    elif name in IMAGENET_WNIDS:
+        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters)
+    elif name == "tiny-imagenet":
+        folder = os.path.join(root, "tiny-imagenet-200", "train")
+        if not os.path.isdir(folder):
+            raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
+                            f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
+        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+    elif name in DATASETS:
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
+                            f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
+                            f"recursively). Download it from its publisher, or pass --data-root.")
+        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+    elif os.path.isdir(name):
+        ds = _load_folder(name, root, size, max_images, seed, workers, num_clusters,
+                          name=os.path.basename(os.path.normpath(name)))
+    elif os.sep in name or name.startswith("."):
+        raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
+                        f"or a flat folder of images with --num-clusters")
+    else:
+        raise DataError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}, or the path of a folder "
+                        f"of images (one sub-folder per class, or a flat folder with --num-clusters)")
+    ds.num_classes = num_clusters or len(ds.classes)
+    if name in DATASETS and len(ds.classes) != DATASETS[name]:
+        warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
+    ds.unlabeled = unlabeled
+    return ds
+
+
+def balanced_subset(labels, n, seed, total=None):
+    """Sorted indices of a class-balanced subset of n images (random within each class, seeded)."""
+    total = len(labels) if labels is not None else total
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(total, generator=g)
+    if n >= total:
+        return torch.arange(total)
+    if labels is None:
+        return perm[:n].sort().values
+    lab = torch.as_tensor(labels)[perm]
+    # rank of each image within its class (in shuffled order); taking ranks 0, 1, 2... of every
+    # class in turn gives counts that differ by at most one between classes
+    order = torch.argsort(lab, stable=True)
+    counts = torch.bincount(lab)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(lab)
+    rank[order] = torch.arange(total) - starts[lab[order]]
+    take = torch.argsort(rank * total + torch.arange(total))[:n]
+    return perm[take].sort().values
+
+
+def _resize_uint8(x, size):
+    """Antialiased resize of square uint8 images (N, 3, s, s) to (N, 3, size, size), in chunks."""
+    if x.shape[-1] == size:
+        return x
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(x), 1024):
+        chunk = F.interpolate(x[i:i + 1024].float(), size=(size, size), mode="bilinear", antialias=True)
+        out[i:i + 1024] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _from_arrays(name, images, labels, files, classes, size, max_images, seed):
+    """ImageSet from in-memory uint8 images (N, 3, s, s): subset, then shrink to `size` if larger."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if max_images:
+        keep = balanced_subset(labels, max_images, seed)
+        images, labels, files = images[keep], labels[keep], [files[i] for i in keep]
+    images = _resize_uint8(images, min(size, images.shape[-1]))
+    return ImageSet(images.contiguous(), labels, files, classes, len(classes), name)
+
+
+def _load_digits(size, max_images, seed):
+    from sklearn.datasets import load_digits
+    d = load_digits()  # 1797 8x8 greys with values 0..16
+    x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))
+    x = x[:, None].expand(-1, 3, -1, -1)
+    files = [f"digits/{i}" for i in range(len(x))]
+    return _from_arrays("digits", x, d.target, files, [str(c) for c in range(10)], size, max_images, seed)
+
+
+def _torchvision_set(cls, root, where, url, **kw):
+    """A torchvision dataset from root; try to download it when missing; clear error otherwise."""
+    try:
+        return cls(root, download=False, **kw)
+    except RuntimeError:
+        pass
+    try:
+        return cls(root, download=True, **kw)
+    except Exception as e:
+        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}: "
+                        f"{e}); download {url} and extract it into {root}/ (or pass --data-root)") from e
+
+
+def _load_cifar(name, root, size, max_images, seed):
+    import torchvision
+    if name == "cifar10":
+        cls, folder, url = torchvision.datasets.CIFAR10, "cifar-10-batches-py", \
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    else:
+        cls, folder, url = torchvision.datasets.CIFAR100, "cifar-100-python", \
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    images, labels, files = [], [], []
+    for split, train in (("train", True), ("test", False)):  # train+test pooled (SPEC §1)
+        d = _torchvision_set(cls, root, os.path.join(root, folder), url, train=train)
+        images.append(torch.from_numpy(d.data).permute(0, 3, 1, 2))
+        labels += list(d.targets)
+        files += [f"{name}/{split}/{i}" for i in range(len(d.data))]
+    classes = d.classes
+    if name == "cifar100":  # 20 super-classes as ground truth (SPEC §1)
+        coarse = {f: _coarse_of[f] for f in classes}
+        labels = [coarse[classes[y]] for y in labels]
+        classes = sorted(CIFAR100_SUPERCLASSES)
+    return _from_arrays(name, torch.cat(images), labels, files, classes, size, max_images, seed)
+
+
+def _load_stl10(root, size, max_images, seed, with_unlabeled):
+    import torchvision
+    url, where = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", os.path.join(root, "stl10_binary")
+    images, labels, files = [], [], []
+    for split in ("train", "test"):
+        d = _torchvision_set(torchvision.datasets.STL10, root, where, url, split=split)
+        images.append(torch.from_numpy(d.data))
+        labels += d.labels.tolist()
+        files += [f"stl10/{split}/{i}" for i in range(len(d.data))]
+    ds = _from_arrays("stl10", torch.cat(images), labels, files, d.classes, size, max_images, seed)
+    unlabeled = None
+    if with_unlabeled:
+        u = torch.from_numpy(_torchvision_set(torchvision.datasets.STL10, root, where, url, split="unlabeled").data)
+        if max_images:
+            u = u[balanced_subset(None, max_images, seed, total=len(u))]
+        unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
+    return ds, unlabeled
+
+
+def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters):
+    wnids = IMAGENET_WNIDS[name]
+    candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
+    for folder in candidates:
+        if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
+            return _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
+    raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
+                    f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
+                    f"{candidates[0]}/<wnid>/)")
+
+
+def _is_image(fname):
+    return os.path.splitext(fname)[1].lower() in IMAGE_EXTS and not fname.startswith(".")
+
+
+def _walk(folder):
+    """Image files under folder, recursively, sorted: [(path relative to folder, size, mtime_ns)]."""
+    out = []
+    for top, dirs, fnames in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
+        for f in sorted(fnames):
+            if _is_image(f):
+                st = os.stat(os.path.join(top, f))
+                out.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _image_size(path):
+    """(width, height) from the header only, or None for an unreadable file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _decode(path, size):
+    """Decode one image: RGB, shorter side resized to `size` (antialiased), centre crop. (size, size, 3) uint8."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size` (faster)
+        im = im.convert("RGB")
+        w, h = im.size
+        if min(w, h) != size:
+            r = size / min(w, h)
+            w, h = max(size, round(w * r)), max(size, round(h * r))
+            im = im.resize((w, h), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name, only=None):
+    """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
+    if not os.path.isdir(folder):
+        raise DataError(f"folder {folder} not found")
+    layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
+    if only is not None:
+        listing = [(os.path.join(c, f), s, m) for c in only for f, s, m in _walk(os.path.join(folder, c))]
+    else:
+        listing = _walk(folder)
+    if not listing:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
+    flat = [r for r in listing if os.sep not in r[0]]
+    if len(flat) == len(listing):  # no class folders: the user's own unlabelled images
+        if num_clusters is None:
+            raise DataError(f"{folder} is a flat folder of unlabelled images: pass --num-clusters K, or put the "
+                            f"images in one sub-folder per class")
+        classes, labels = [], None
+    else:
+        if flat:
+            warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
+            listing = [r for r in listing if os.sep in r[0]]
+        classes = sorted({r[0].split(os.sep)[0] for r in listing})
+        if len(classes) < 2:
+            raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
+                            f"(or a flat folder of images with --num-clusters)")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
+    keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
+
+    # the cache key covers the file list (paths, sizes, mtimes), the subset and the storage size
+    key = json.dumps([CACHE_VERSION, os.path.abspath(folder), listing, max_images, seed, size, only])
+    key = hashlib.sha1(key.encode()).hexdigest()[:16]
+    cache = os.path.join(root, ".cache", f"{name}-{size}-{key}.pt")
+    if os.path.exists(cache):
+        try:
+            # memory-mapped: starts in well under a second, and processes on one machine share the pages
+            c = torch.load(cache, weights_only=True, mmap=True)
+            _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
+            return ImageSet(c["images"], c["labels"], c["files"], classes, len(classes), name)
+        except (OSError, RuntimeError, KeyError, EOFError) as e:
+            warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
+
+    if keep is not None:
+        listing = [listing[i] for i in keep]
+        labels = labels[keep] if labels is not None else None
+    files = [r[0] for r in listing]
+    paths = [os.path.join(folder, f) for f in files]
+    workers = workers or os.cpu_count() or 1
+    print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
+        sizes = list(pool.map(_image_size, paths, chunksize=64))
+        ok = [s is not None for s in sizes]
+        # native size when every image is smaller than the storage size (e.g. Tiny-ImageNet 64, DTD10 128)
+        size = min(size, max((min(s) for s in sizes if s), default=size))
+        arr = np.zeros((len(paths), 3, size, size), np.uint8)
+
+        def work(i):
+            if ok[i]:
+                try:
+                    arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
+                except Exception:
+                    ok[i] = False
+
+        list(pool.map(work, range(len(paths)), chunksize=16))
+    bad = [f for f, good in zip(files, ok) if not good]
+    _report_bad(bad, len(files), folder)
+    if bad:
+        arr, files = arr[np.array(ok)], [f for f, g in zip(files, ok) if g]
+        labels = labels[torch.tensor(ok)] if labels is not None else None
+    images = torch.from_numpy(arr)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    torch.save({"images": images, "labels": labels, "files": files, "bad": bad}, tmp)
+    os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
+    return ImageSet(images, labels, files, classes, len(classes), name)
+
+
+def _report_bad(bad, total, folder):
+    if not bad:
+        return
+    names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    if len(bad) > 0.01 * total:
+        raise DataError(f"{len(bad)} of {total} images in {folder} cannot be read ({names}); "
+                        f"fix or remove them (up to 1% are skipped with a warning)")
+    warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
+
+
+def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1):
+    """Yield (uint8 images, labels or None, int64 indices) batches of the cached tensor.
+
+    Shuffled with torch.randperm(generator) for training, in order for evaluation. With world_size > 1
+    each batch is this rank's contiguous share of the global batch of batch_size.
+    """
+    n = len(images)
+    if batch_size % world_size:
+        raise DataError(f"batch size {batch_size} must divide by the number of processes {world_size}")
+    if drop_last and n < batch_size:
+        raise DataError(f"batch size {batch_size} is larger than the {n} images; lower --batch-size")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        if world_size > 1:
+            idx = torch.tensor_split(idx, world_size)[rank]
+        y = labels[idx.to(labels.device)] if labels is not None else None
+        yield images[idx.to(images.device)], y, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample.
+# Each matches torchvision.transforms.v2.functional for the same parameters (test_data.py).
+# ---------------------------------------------------------------------------------------------
+
+def _resize_weights(offset, length, n_in, n_out):
+    """(B, n_out, n_in) rows of antialiased bilinear weights resampling input[offset:offset+length] to n_out.
+
+    Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
+    factor when shrinking, renormalised at the crop edges.
+    """
+    scale = length / n_out  # (B,)
+    support = scale.clamp(min=1.0)
+    center = scale[:, None] * (torch.arange(n_out, device=offset.device) + 0.5)  # (B, n_out), crop coordinates
+    j = torch.arange(n_in, device=offset.device) - offset[:, None]  # (B, n_in), crop coordinates
+    t = (j[:, None, :] + 0.5 - center[:, :, None]) / support[:, None, None]
+    inside = ((j >= 0) & (j < length[:, None]))[:, None, :]
+    w = (1 - t.abs()).clamp(min=0) * inside
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crop(x, boxes, size, flip=None):
+    """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
+
+    As torchvision's resized_crop(..., antialias=True), done as two batched matrix products. A uint8
+    input gives a float output in [0, 1]. flip (B,) bool mirrors those outputs at no cost (the
+    column weights are reversed).
+    """
+    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)
+    ry = _resize_weights(top, h, x.shape[-2], size)
+    rx = _resize_weights(left, w, x.shape[-1], size)
+    if flip is not None:
+        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(1), rx)
+    if x.dtype == torch.uint8:
+        x, ry = x.float(), ry / 255
+    return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
+
+
+def resize(x, size):
+    """The whole square image resized to size x size (the eval transform)."""
+    s = x.shape[-1]
+    return resized_crop(x, torch.tensor([[0, 0, s, s]]), size)
+
+
+def hflip(x, flip):
+    """Mirror the samples where flip (B,) is True."""
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def _per_sample(f, x):
+    return f.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
+
+
+def _blend(a, b, f):
+    """f * a + (1 - f) * b, clamped to [0, 1] (torchvision's _blend), in two passes."""
+    return torch.lerp(b, a, _per_sample(f, a)).clamp_(0, 1)
+
+
+def rgb_to_grey(x):
+    """(B, 1, H, W) luma with torchvision's weights."""
+    w = torch.tensor([0.2989, 0.587, 0.114], device=x.device)
+    return (w @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
+
+
+def adjust_brightness(x, f):
+    return (x * _per_sample(f, x)).clamp_(0, 1)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, rgb_to_grey(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, rgb_to_grey(x), f)
+
+
+def adjust_hue(x, f):
+    """Rotate the hue by f (B,) in [-0.5, 0.5] turns; value and saturation unchanged.
+
+    The HSV round trip as a few elementwise ops: the hue h in sixths from the largest channel, then
+    each channel is min + chroma * ramp(h), with the three piecewise-linear ramps of HSV->RGB.
+    """
+    r, g, b = x.unbind(1)
+    v, lo = x.amax(1), x.amin(1)
+    c = v - lo  # chroma
+    cs = torch.where(c > 0, c, 1.0)
+    is_r, is_g = v == r, v == g
+    h = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).div_(cs)
+    h += torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6 * _per_sample(f, x)[:, 0]
+    h = torch.remainder(h, 6)  # in [0, 6)
+    out = torch.empty_like(x)
+    torch.addcmul(lo, (h - 3).abs_().sub_(1).clamp_(0, 1), c, out=out[:, 0])  # R: 1 outside [1, 5]
+    torch.addcmul(lo, (h - 2).abs_().neg_().add_(2).clamp_(0, 1), c, out=out[:, 1])  # G: peak at 2
+    torch.addcmul(lo, (h - 4).abs_().neg_().add_(2).clamp_(0, 1), c, out=out[:, 2])  # B: peak at 4
+    return out
+
+
+def grayscale(x):
+    """3-channel grey, as torchvision's rgb_to_grayscale(x, num_output_channels=3)."""
+    return rgb_to_grey(x).expand_as(x).contiguous()
+
+
+def blur_kernel_size(size):
+    """Odd kernel of about 10% of the image: 23 at 224 px (SPEC's value), 13 at 128, 3 at 32 and below."""
+    k = max(3, int(0.1 * size))
+    return k + 1 - k % 2
+
+
+def gaussian_blur(x, kernel_size, sigma):
+    """Gaussian blur with sigma (B,) per sample and reflect padding, as torchvision's gaussian_blur.
+
+    Separable: one banded (H, H) matrix per sample (reflection folded in), applied to rows and columns.
+    """
+    n, r = x.shape[-1], kernel_size // 2
+    if r >= n:
+        raise ValueError(f"blur kernel {kernel_size} too large for {n} px images")
+    t = torch.arange(-r, r + 1, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.to(x.device)[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (B, kernel_size)
+    src = (torch.arange(n, device=x.device)[:, None] + t).abs()
+    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)  # reflect without repeating the edge
+    m = torch.zeros(len(x), n, n, device=x.device)
+    m.scatter_add_(2, src.expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
+    return m[:, None] @ x @ m.transpose(1, 2)[:, None]
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    mean = torch.tensor(mean, device=x.device)[:, None, None]
+    std = torch.tensor(std, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def _on(x, mask, fn, *params):
+    """x with fn applied to the samples where mask (B,) is True (x may be overwritten); no loop over images.
+
+    Runs fn on the selected samples only (cheaper than torch.where over the whole batch); the mask
+    lives on the CPU, so selecting costs no device sync.
+    """
+    idx = mask.nonzero().squeeze(1)
+    if len(idx) == len(x):
+        return fn(x, *(p.to(x.device) for p in params))
+    if len(idx):
+        idx_d = idx.to(x.device)
+        x[idx_d] = fn(x[idx_d], *(p[idx].to(x.device) for p in params))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Random parameters, sampled as torchvision does, from a seeded CPU generator
+# ---------------------------------------------------------------------------------------------
+
+def _uniform(shape, lo, hi, g):
+    return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+
+def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop boxes (n, 4) = (top, left, h, w): torchvision's 10 tries, then its fallback.
+
+    Each try: area ~ U(scale) of the image, log aspect ~ U(log ratio); the first box that fits wins;
+    if none fits, the centre crop of the whole image clamped to the ratio range.
+    """
+    area = height * width * _uniform((n, 10), *scale, g)
+    aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    if width / height < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    found = fits.any(1)
+    u = torch.rand(n, 2, generator=g)
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.tensor((height - fh) // 2.0))
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.tensor((width - fw) // 2.0))
+    h, w = torch.where(found, h, torch.tensor(float(fh))), torch.where(found, w, torch.tensor(float(fw)))
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def sample_jitter(n, strengths, g):
+    """ColorJitter factors (n, 4) for brightness, contrast, saturation, hue, and a random order (n, 4).
+
+    Factors ~ U(max(0, 1 - s), 1 + s) (hue ~ U(-s, s)); each sample has its own permutation of the four ops.
+    """
+    b, c, s, h = strengths
+    lo = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    factors = lo + (hi - lo) * torch.rand(n, 4, generator=g)
+    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+    return factors, order
+
+
+def color_jitter(x, factors, order, apply):
+    """ColorJitter on the samples where apply (B,) is True, the four ops in each sample's own order."""
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for step in range(4):
+        for o, op in enumerate(ops):
+            x = _on(x, apply & (order[:, step] == o), op, factors[:, o])
+    return x
+
+
+# recipes (SPEC §2): per view, probabilities of jitter, grey, blur, solarize; jitter strengths
+_BYOL = dict(jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2)
+
+
+def _recipe_views(recipe, s, blur):
+    cc = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_jitter=0.8, p_gray=0.2,
+              p_blur=0.5 if blur else 0.0, p_solarize=0.0)
+    if recipe == "cc":
+        return [cc, cc]
+    if recipe == "vtcc":  # BYOL's asymmetric views (the paper; the authors' code blurs both at p 1.0)
+        return [dict(_BYOL, p_blur=1.0, p_solarize=0.0), dict(_BYOL, p_blur=0.1, p_solarize=0.2)]
+    if recipe == "vitic":  # the authors' code: blur p 0.8 both views, solarize view 2 only
+        return [dict(_BYOL, p_blur=0.8, p_solarize=0.0), dict(_BYOL, p_blur=0.8, p_solarize=0.2)]
+    if recipe == "pici":  # view a weak (= eval), view b strong (CC's family)
+        return [None, cc]
+    raise ValueError(f"unknown augmentation recipe '{recipe}': use cc, vtcc, vitic or pici")
+
+
+def sample_view(n, height, width, g, view):
+    """All random parameters of one view of n images, drawn in a fixed order from generator g (CPU)."""
+    boxes = sample_crop_boxes(n, height, width, g)
+    flip = torch.rand(n, generator=g) < 0.5
+    jitter = torch.rand(n, generator=g) < view["p_jitter"]
+    factors, order = sample_jitter(n, view["jitter"], g)
+    gray = torch.rand(n, generator=g) < view["p_gray"]
+    blur = torch.rand(n, generator=g) < view["p_blur"]
+    sigma = _uniform(n, 0.1, 2.0, g)
+    solar = torch.rand(n, generator=g) < view["p_solarize"]
+    return dict(boxes=boxes, flip=flip, jitter=jitter, factors=factors, order=order, gray=gray, blur=blur,
+                sigma=sigma, solarize=solar)
+
+
+class Augmentation:
+    """Two random views of a uint8 batch on its own device, per SPEC §2.
+
+    recipe: "cc" (CC, DCSC; output in [0, 1]), "vtcc", "vitic" (BYOL's asymmetric views), "pici"
+    (weak + strong view); the last three are ImageNet-normalised. s and blur set the CC family's
+    colour strength and blur switch (cc_strength). The blur kernel is an odd ~10% of image_size
+    (23 at 224 px as in the papers, scaled down for smaller images as torchvision users do).
+    """
+
+    def __init__(self, recipe, image_size, s=1.0, blur=True):
+        self.recipe, self.size, self.s, self.blur = recipe, image_size, s, blur
+        self.view_params = _recipe_views(recipe, s, blur)
+        self.kernel = blur_kernel_size(image_size)
+        self.norm = recipe != "cc"
+
+    def views(self, x, generator):
+        """x (B, 3, S, S) uint8 -> two float32 (B, 3, size, size) views on x's device."""
+        a = self.eval(x) if self.view_params[0] is None else self.view(x, generator, self.view_params[0])
+        return a, self.view(x, generator, self.view_params[1])
+
+    def view(self, x, g, p):
+        n, _, h, w = x.shape
+        q = sample_view(n, h, w, g, p)
+        # flip is applied right after the crop in every recipe: it commutes with the colour ops,
+        # the symmetric blur and solarize, so BYOL's flip-last order gives the same images
+        x = resized_crop(x, q["boxes"], self.size, flip=q["flip"])
+        x = color_jitter(x, q["factors"], q["order"], q["jitter"])
+        x = _on(x, q["gray"], grayscale)
+        x = _on(x, q["blur"], lambda z, s: gaussian_blur(z, self.kernel, s), q["sigma"])
+        x = _on(x, q["solarize"], solarize)
+        return normalize(x) if self.norm else x
+
+    def eval(self, x):
+        """Deterministic: the whole image resized to image_size, plus the recipe's normalisation."""
+        x = resize(x, self.size)
+        return normalize(x) if self.norm else x
+
+
+def cc_strength(name):
+    """CC/DCSC colour strength s and blur switch per dataset (SPEC §2)."""
+    s = 0.5 if name in ("cifar10", "cifar100", "tiny-imagenet") else 1.0
+    # no blur where images are up-scaled from a small size (already blurred) and for STL-10
+    blur = name not in ("digits", "cifar10", "cifar100", "tiny-imagenet", "stl10")
+    return s, blur

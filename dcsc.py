@@ -1,0 +1,248 @@
+"""Deep Clustering model based on Semantic Consistency (DCSC).
+
+Zhang, Li, Hua, Dong, Lim. "Improved deep clustering model based on semantic consistency for image
+clustering". Knowledge-Based Systems 253, 2022.
+A ResNet34 embeds two augmented views of each image; four heads read its feature: an instance head
+(Fproj) trained with NT-Xent on the rows of the feature matrix (FLC), a cluster head (Cproj) trained
+with NT-Xent on the columns of its soft assignments (CLC) plus an entropy regulariser (CR), and an
+asymmetric semantic branch, a projector (Sproj) and a predictor (Spred) over K_s over-clusters,
+contrasted across views (SLC). The cluster head's argmax is the clustering.
+
+Usage: python dcsc.py --dataset cifar10 --epochs 1000
+       python dcsc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+import data
+from common import arg
+
+
+@dataclass
+class Args:
+    dataset: str = arg("digits", "dataset name (cifar10, stl10, imagenet10, ...; see README) or a folder of images")
+    data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
+    image_size: int = arg(224, "input size: DCSC paper, Sec. 4.2, every image resized to 224x224")
+    epochs: int = arg(1000, "training epochs: DCSC paper, Sec. 4.2")
+    batch_size: int = arg(256, "global batch size: DCSC paper, Sec. 4.2")
+    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: DCSC paper, Sec. 4.2")
+    instance_temperature: float = arg(0.2, "tau_FLC of the feature-level loss: DCSC paper, Sec. 4.2")
+    cluster_temperature: float = arg(1.0, "tau_CLC of the cluster-level loss: DCSC paper, Sec. 4.2")
+    semantic_temperature: float = arg(1.0, "tau_SLC of the semantic-level loss: DCSC paper, Sec. 4.2")
+    cr_weight: float = arg(1.0, "lambda, the weight of the clustering regulariser in Eq. (3.7): DCSC paper, Sec. 4.2")
+    feature_dim: int = arg(128, "instance head (Fproj) output size: DCSC paper, Sec. 4.2")
+    overcluster: int = arg(None, "K_s, the semantic head's number of over-clusters (default 70, 700 for tiny-imagenet): "
+                                 "DCSC paper, Sec. 4.2; SPEC §2", type=int)
+    slc_similarity: str = arg("cosine", "s(p, q) in Eq. (3.4): cosine similarity, or js = minus the Jensen-Shannon "
+                                        "divergence (the paper's alternative, Sec. 3.1); SPEC §2", choices=["cosine", "js"])
+    ablate: str = arg(None, "remove one part, as the rows of DCSC Tables 2-4: flc, clc (with CR; k-means on Fproj's "
+                            "features gives the clusters, Sec. 4.4.1), slc, predictor (Spred), bn (BN in every head)",
+                      type=str, choices=["flc", "clc", "slc", "predictor", "bn"])
+    seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
+    device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the network")
+    deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
+    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
+    eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
+    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
+    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    out_dir: str = arg("runs", "where run folders are written")
+    run_name: str = arg(None, "run folder name (default: dcsc-<dataset>-seed<seed>, numbered when taken)")
+    max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+
+
+def mlp(d_in, d_hidden, d_out, bn=True):
+    """Linear -> BN -> ReLU -> Linear, every DCSC head (paper, Fig. 1(b))."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden) if bn else nn.Identity(), nn.ReLU(),
+                         nn.Linear(d_hidden, d_out))
+
+
+class Network(nn.Module):
+    """ResNet34 with the fc layer removed (DCSC paper, Sec. 4.2) and four heads on its feature h
+    (Sec. 3, Fig. 1): Fproj (instance_head), Cproj (cluster_head, softmax over K), Sproj
+    (semantic_head, K_s logits) and Spred (predictor, on Sproj's logits: the asymmetric branch).
+    predictor=False is Table 4's "w/o Spred" (both branches are Sproj); bn=False is Table 3's "No"."""
+
+    def __init__(self, num_clusters, image_size=224, feature_dim=128, overcluster=70, predictor=True, bn=True):
+        super().__init__()
+        self.backbone = torchvision.models.resnet34(weights=None)  # random init (Sec. 4.2: not pre-trained)
+        width = self.backbone.fc.in_features  # 512
+        self.backbone.fc = nn.Identity()
+        self.instance_head = mlp(width, width, feature_dim, bn)
+        self.cluster_head = nn.Sequential(mlp(width, width, num_clusters, bn), nn.Softmax(dim=1))
+        self.semantic_head = mlp(width, width, overcluster, bn)
+        # paper: the predictor's hidden width is not given; here: 512, the width of the other heads
+        self.predictor = mlp(overcluster, width, overcluster, bn) if predictor else nn.Identity()
+
+    def forward(self, x):
+        h = self.backbone(x)
+        s = self.semantic_head(h)  # (B, K_s) logits
+        # z (B, 128), c (B, K), p = Spred's probabilities, q = Sproj's probabilities (B, K_s)
+        return self.instance_head(h), self.cluster_head(h), self.predictor(s).softmax(dim=1), s.softmax(dim=1)
+
+
+def flc_loss(z_a, z_b, temperature):
+    """Feature-level contrastive loss: NT-Xent over the 2N augmented samples (DCSC paper, Eq. 3.1-3.2).
+
+    Each row's positive is its other view. Eq. (3.1) as printed sums j over all N, the row itself
+    included; the denominator here holds the other 2N-1 rows (self excluded, SPEC §1, as CC)."""
+    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): s = cosine similarity
+    n = len(z_a)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)  # Eq. (3.1) per row, Eq. (3.2) mean over the 2N rows
+
+
+def clc_loss(c_a, c_b, temperature):
+    """Cluster-level contrastive loss (DCSC paper, Eq. 3.3): the K columns of the (N, K) soft
+    assignments are the cluster representations, NT-Xent over the 2K columns, each column's
+    denominator its 2K-1 others, mean over the 2K columns (CC's cluster loss without its entropy
+    term, SPEC §2; the print gives the b-column term column j's denominator, a typo)."""
+    return flc_loss(c_a.float().T, c_b.float().T, temperature)  # same NT-Xent, on columns
+
+
+def pairwise_similarity(p, q, kind, eps=1e-8):
+    """(N, K) x (M, K) probability rows -> (N, M) similarities s(p_i, q_j) of Eq. (3.4)."""
+    if kind == "cosine":
+        return F.normalize(p, dim=1) @ F.normalize(q, dim=1).T
+    # -JS(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; the clamp keeps gradients finite at 0
+    entropy = lambda x: -(x * torch.log(x.clamp_min(eps))).sum(dim=-1)
+    m = (p[:, None] + q[None]) / 2  # (N, M, K)
+    return -(entropy(m) - (entropy(p)[:, None] + entropy(q)[None]) / 2)
+
+
+def slc_loss(p_a, q_a, p_b, q_b, temperature, similarity="cosine"):
+    """Semantic-level contrastive loss (DCSC paper, Eq. 3.4-3.5), transcribed literally (SPEC §2).
+
+    p = the predictor's probabilities, q = the semantic head's, per view. For instance i, view a:
+    positive s(p_i^a, q_i^b); denominator sum_j [exp s(p_i^a, q_j^a) + exp s(p_j^a, q_i^b)], j over
+    all N (the positive included); then the same with a and b swapped. No stop-gradient."""
+    p_a, q_a, p_b, q_b = p_a.float(), q_a.float(), p_b.float(), q_b.float()
+    n = len(p_a)
+    target = torch.arange(n, 2 * n, device=p_a.device)  # the positive sits at j = i of the second block
+    loss = 0.0
+    for p, q, q_other in ((p_a, q_a, q_b), (p_b, q_b, q_a)):
+        # row i: [s(p_i, q_j) for j] then [s(p_j, q_other_i) for j]; Eq. (3.4)
+        logits = torch.cat([pairwise_similarity(p, q, similarity), pairwise_similarity(p, q_other, similarity).T], dim=1)
+        loss = loss + F.cross_entropy(logits / temperature, target, reduction="sum")
+    return loss / (2 * n)  # Eq. (3.5)
+
+
+def cr_loss(c_a, c_b, eps=1e-8):
+    """Clustering regulariser (DCSC paper, Eq. 3.6): per view, log K - H(P), with P the batch's
+    share of each cluster. The printed sign would minimise the entropy and favour collapse, against
+    its stated aim; this is the entropy term of CC's cluster loss, which maximises it (SPEC §2). The
+    log K constant only keeps the value >= 0; the clamp keeps value and gradient finite at P = 0."""
+    loss = 0.0
+    for c in (c_a.float(), c_b.float()):
+        share = c.mean(dim=0)  # p(c^t)_j = sum_i c_ij / N
+        loss = loss + math.log(c.shape[1]) + (share * torch.log(share.clamp_min(eps))).sum()  # Eq. (3.6)
+    return loss
+
+
+def evaluate(model, images, aug, env, kmeans_clusters=None, seed=1):
+    """Cluster = argmax of the cluster head on the deterministic eval view (SPEC §1); without the
+    cluster-level loss, k-means on the instance head's features (DCSC paper, Sec. 4.4.1)."""
+    model.eval()
+    head = model.cluster_head if kmeans_clusters is None else model.instance_head
+    out = common.predict(lambda x: {"y": head(model.backbone(x))}, images, aug.eval, env)
+    model.train()
+    if kmeans_clusters is not None:
+        return common.kmeans(out["y"], kmeans_clusters, seed)
+    conf, pred = out["y"].max(dim=1)
+    return pred, conf
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, description=__doc__)
+    common.check(args.overcluster is None or args.overcluster >= 2, f"--overcluster must be at least 2, got {args.overcluster}")
+    env = common.Env(args, "dcsc")
+    run_path = common.run_dir(args, "dcsc")
+    logger = common.Logger(run_path, env)
+    ds = common.load_data(args, env)
+    s, blur = data.cc_strength(ds.name)  # CC's augmentations (DCSC paper, Sec. 4.2; SPEC §2)
+    aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
+    overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
+    use = {part: args.ablate != part for part in ("flc", "clc", "slc")}
+    kmeans_clusters = None if use["clc"] else ds.num_classes
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim, overcluster,
+                                        predictor=args.ablate != "predictor", bn=args.ablate != "bn"), env,
+                                channels_last=True, compile=args.compile, find_unused=not all(use.values()))
+    optimizer = common.adam(model.parameters(), args.lr, env)
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
+    common.header(logger, "DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, env, model, run_path)
+
+    start_epoch = 0
+    if args.eval_only or args.resume:
+        state = common.load_checkpoint(args.eval_only or args.resume, "dcsc", run_path)
+        start_epoch = common.restore(state, model, optimizer, env, gen)
+        logger.print(f"resumed from epoch {start_epoch}")
+    if env.is_main:
+        common.write_json(run_path / "args.json", vars(args))
+    images = common.place_images(ds.images, args.data_on_device, env)
+
+    def save(epoch):
+        if env.is_main:
+            common.atomic_save(common.checkpoint_state("dcsc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
+
+    zero = torch.zeros((), device=env.device)
+    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
+    try:
+        for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            t0, steps = time.perf_counter(), 0
+            totals = torch.zeros(4, device=env.device)  # read once per epoch: no per-step sync
+            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                x_a, x_b = aug.views(x, gen)
+                with env.autocast():
+                    z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_b, c_b, p_b, q_b = net(x_b)
+                z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b = common.gather(z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b, env=env)
+                loss_flc = flc_loss(z_a, z_b, args.instance_temperature) if use["flc"] else zero
+                loss_clc = clc_loss(c_a, c_b, args.cluster_temperature) if use["clc"] else zero
+                loss_slc = slc_loss(p_a, q_a, p_b, q_b, args.semantic_temperature, args.slc_similarity) if use["slc"] else zero
+                loss_cr = cr_loss(c_a, c_b) if use["clc"] else zero  # CR regularises Cproj: it goes with CLC
+                env.step(loss_flc + loss_clc + loss_slc + args.cr_weight * loss_cr, optimizer)  # Eq. (3.7)
+                totals += torch.stack([loss_flc.detach(), loss_clc.detach(), loss_slc.detach(), loss_cr.detach()])
+                steps += 1
+
+            loss_flc, loss_clc, loss_slc, loss_cr = (totals / steps).tolist()
+            seconds = time.perf_counter() - t0
+            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
+            record = {"epoch": epoch + 1, "loss": loss_flc + loss_clc + loss_slc + args.cr_weight * loss_cr, "loss_flc": loss_flc,
+                      "loss_clc": loss_clc, "loss_slc": loss_slc, "loss_cr": loss_cr, "lr": args.lr,
+                      "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                common.fail_nonfinite(epoch + 1, run_path)
+            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+                pred, _ = evaluate(model, ds.images, aug, env, kmeans_clusters, args.seed)
+                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
+            logger.log(record)
+            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(epoch + 1)
+            done = epoch + 1
+    except KeyboardInterrupt:
+        save(done)  # the weights as they are; resuming repeats the interrupted epoch
+        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
+        raise SystemExit(130)
+
+    if env.is_main:
+        pred, conf = evaluate(model, ds.images, aug, env, kmeans_clusters, args.seed)
+        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
+                      wall_seconds=time.perf_counter() - wall_start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Partial Information discrimination and Cross-level Interaction (PICI).
+
+Zhang, Huang, Ling, Zhang, Sun, Wen. "Learning Representations for Clustering via Partial Information
+Discrimination and Cross-Level Interaction". 2024 (code: github.com/Regan-Zhang/PICI).
+A masked auto-encoder (ViT-Small encoder, 8-block decoder) sees a weak and a strong view of each
+image with half of the patches removed. Three stages (Algorithm 1): pre-train the auto-encoder on
+reconstruction (PISD); then add CC's instance and cluster contrastive losses on the CLS token (PICD);
+then boost with PICD plus a cross-entropy from k-means pseudo-labels of the instance features to the
+cluster head (CLI). The cluster head's argmax on the unmasked weak view is the clustering.
+
+Usage: python pici.py --dataset ucmerced --epochs 1050
+       python pici.py --image-size 32 --epochs 3 --batch-size 96   (quick look on digits, CPU: one epoch per stage)
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+import common
+import data
+from common import arg
+
+VITS = {"tiny": (192, 4), "small": (384, 6), "base": (768, 12)}  # width, blocks (PICI paper, Table 5; 12 heads each)
+STAGES = {"pretrain": ("pisd",), "train": ("pisd", "instance", "cluster"), "boost": ("instance", "cluster", "cli")}  # Algorithm 1
+
+
+@dataclass
+class Args:
+    dataset: str = arg("digits", "dataset name (rsod, ucmerced, aid, ...; see README) or a folder of images")
+    data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
+    image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): PICI paper, Sec. 4.1, 224x224")
+    epochs: int = arg(None, "total epochs: PICI paper, Sec. 4.1, 200 + 800 + 50 = 1050, split 200:800:50 between the "
+                      "stages; with explicit stage lengths their sum, and a smaller --epochs stops the run early", type=int)
+    pretrain_epochs: int = arg(None, "stage 1, L_PISD only (Algorithm 1, lines 1-7; paper 200); give all three stage lengths or none", type=int)
+    train_epochs: int = arg(None, "stage 2, L_PISD + L_PICD (Algorithm 1, lines 8-12; paper 800)", type=int)
+    boost_epochs: int = arg(None, "stage 3, L_PICD + L_CLI (Algorithm 1, lines 13-17; paper 50)", type=int)
+    batch_size: int = arg(96, "global batch size: PICI paper, Sec. 4.1")
+    lr: float = arg(1e-4, "Adam learning rate, one optimiser for all stages, no weight decay or schedule: PICI paper, Sec. 4.1; SPEC §1")
+    instance_temperature: float = arg(0.5, "tau_I of the instance loss, Eq. (5): PICI paper, Sec. 4.1")
+    cluster_temperature: float = arg(1.0, "tau_C of the cluster loss, Eq. (8): PICI paper, Sec. 4.1")
+    feature_dim: int = arg(128, "instance-MLP output size: PICI paper, Sec. 4.1")
+    mask_ratio: float = arg(0.5, "share of each training view's patches removed (none at test): PICI paper, Sec. 4.1")
+    vit: str = arg("small", "encoder: PICI paper uses ViT-Small, 384 wide, 6 blocks (Sec. 4.1); Table 5 compares tiny "
+                   "(192, 4 blocks), small and base (768, 12 blocks), all 12 heads; the decoder is 512 wide, 8 blocks, 16 heads",
+                   choices=list(VITS))
+    ablate: str = arg("none", "modules left out, Table 6: 'cli' = row 2 (no boosting loss from pseudo-labels); 'pisd,cli' "
+                      "= row 1 on the ViT (no pre-training, no reconstruction; the paper's row 1 is vanilla CC on a "
+                      "ResNet34: cc.py); 'pisd' alone is not in the table", choices=["none", "pisd", "cli", "pisd,cli"])
+    heads: str = arg("both", "projectors trained: both, Eq. (2); Table 7 trains one only (instance: clusters by k-means on "
+                     "its features); one head needs --ablate cli, since CLI links the two", choices=["both", "instance", "cluster"])
+    seed: int = arg(1, "random seed (model init, shuffling, augmentation, masking, k-means)")
+    device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the network")
+    deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
+    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
+    eval_every: int = arg(10, "evaluate every N epochs and at the end of each stage (0: only at the end)")
+    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
+    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    out_dir: str = arg("runs", "where run folders are written")
+    run_name: str = arg(None, "run folder name (default: pici-<dataset>-seed<seed>, numbered when taken)")
+    max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+
+
+class Network(nn.Module):
+    """Masked auto-encoder (PICI paper, Sec. 3.2.1, 4.1; SPEC §2): ViT encoder with the 16x16 patchify
+    stem and a learnable position table started from 2-D sin-cos (the paper: learnable; the authors'
+    code: fixed sin-cos), MAE decoder; an instance-MLP (to 128, L2-normalised) and a cluster-MLP (to K,
+    softmax) read the CLS token of the masked input (Sec. 3.2.2). A head left out (Table 7) is None."""
+
+    def __init__(self, num_clusters, image_size=224, vit="small", feature_dim=128, heads="both"):
+        super().__init__()
+        width, depth = VITS[vit]
+        self.backbone = common.ViT(image_size, width, depth, heads=12, stem="patchify", positions="learnable")
+        self.decoder = common.MAEDecoder(self.backbone.num_patches, width, dim=512, depth=8, heads=16, positions="learnable")
+        mlp = lambda out: [nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out)]  # two layers (Sec. 3.2.2)
+        self.instance_head = nn.Sequential(*mlp(feature_dim)) if heads != "cluster" else None
+        self.cluster_head = nn.Sequential(*mlp(num_clusters), nn.Softmax(dim=1)) if heads != "instance" else None
+
+    def forward(self, x, mask_ratio=0.0, generator=None, project=True, decode=False):
+        """z (B, 128), p (B, K), the decoder's pixels (B, L, 16*16*3) and the mask (B, L; 1 = removed);
+        a part not asked for or not built is None (parts outside the loss must not run under DDP)."""
+        tokens, mask, ids_restore = self.backbone.forward_features(x, mask_ratio, generator)
+        h = tokens[:, 0]  # CLS after the final norm
+        z = F.normalize(self.instance_head(h), dim=1) if project and self.instance_head is not None else None
+        p = self.cluster_head(h) if project and self.cluster_head is not None else None
+        pixels = self.decoder(tokens, ids_restore) if decode else None
+        return z, p, pixels, mask
+
+
+def reconstruction_loss(pred, target, mask):
+    """l_re of one view (PICI paper, Sec. 3.2.1): MSE between the predicted and true pixels of the
+    removed patches only, each target patch normalised by its own mean and variance (MAE's
+    norm_pix_loss; SPEC §2). pred, target (B, L, 16*16*3); mask (B, L), 1 = removed."""
+    return common.masked_patch_mse(pred, target, mask)  # l_re^a or l_re^b of Eq. (1)
+
+
+def instance_loss(z_a, z_b, temperature):
+    """Instance-level contrastive loss over the 2N augmented samples (PICI paper, Sec. 3.2.2, Eq. 3-6).
+
+    Each row's positive is its other view. The denominator of Eq. (5) as printed also holds the row
+    itself; we follow CC, which PICI cites: only self is excluded (SPEC §1)."""
+    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (3)-(4)
+    n = len(z_a)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)  # Eq. (5) per row, Eq. (6) sum over both views / 2N
+
+
+def cluster_loss(p_a, p_b, temperature, eps=1e-8):
+    """Cluster-level contrastive loss (PICI paper, Sec. 3.2.2, Eq. 7-11).
+
+    The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
+    2K columns (Eq. 7-8, self excluded as above), minus the entropy of the batch's share of each
+    cluster, per view (Eq. 9). log K is added per view so the term stays non-negative (the authors'
+    code; SPEC §1). Eq. (10) divides by the column's own L1 norm, which would make every share 1; the
+    share is the column sum over the whole matrix's sum, as in CC. The clamp keeps value and gradient
+    finite when a cluster gets no mass."""
+    p_a, p_b = p_a.float(), p_b.float()
+    contrastive = instance_loss(p_a.T, p_b.T, temperature)  # Eq. (7)-(8), and the 1/2K mean of Eq. (11)
+    entropy = 0.0
+    for p in (p_a, p_b):
+        share = p.sum(dim=0) / p.sum()  # Eq. (10)
+        entropy = entropy + torch.log(torch.tensor(float(p.shape[1]))) + (share * torch.log(share.clamp_min(eps))).sum()  # -H, Eq. (9)
+    return contrastive + entropy  # Eq. (11)
+
+
+def cli_loss(p_a, p_b, targets, eps=1e-8):
+    """Cross-level interaction (PICI paper, Sec. 3.3, Eq. 15): cross-entropy of each view's cluster
+    probabilities against the matched pseudo-label (one per image, for both views). The log is taken
+    of the softmax probabilities themselves, not of a second softmax; mean over the samples."""
+    nll = [F.nll_loss(torch.log(p.float().clamp_min(eps)), targets) for p in (p_a, p_b)]
+    return (nll[0] + nll[1]) / 2  # Eq. (15): 1/2 sum over the views
+
+
+def match_labels(pseudo, pred, num_clusters):
+    """Rename k-means clusters to the cluster head's: the one-to-one map with the most agreement over
+    the dataset, by the Hungarian algorithm (PICI paper, Sec. 3.3, the w of Eq. 15). pseudo, pred (N,)."""
+    counts = torch.zeros(num_clusters, num_clusters, dtype=torch.long)
+    counts.index_put_((pseudo, pred), torch.ones_like(pseudo), accumulate=True)  # (k-means cluster, head cluster)
+    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+    rename = torch.empty(num_clusters, dtype=torch.long)
+    rename[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return rename[pseudo]
+
+
+def pseudo_labels(z, p, num_clusters, seed):
+    """Eq. (12)-(14): k-means on the instance features, matched to the cluster head's argmax."""
+    pseudo, _ = common.kmeans(z, num_clusters, seed)  # Eq. (12)-(13)
+    return match_labels(pseudo, p.argmax(dim=1), num_clusters)  # Eq. (14) and the matching
+
+
+def embed(model, images, aug, env):
+    """Instance features and cluster probabilities of every image: the deterministic weak view, the
+    whole image (no masking at test, Sec. 4.1), eval mode."""
+    fn = lambda x: {k: v for k, v in zip("zp", model(x)[:2]) if v is not None}
+    model.eval()
+    out = common.predict(fn, images, aug.eval, env)
+    model.train()
+    return out
+
+
+def evaluate(model, images, aug, env, num_clusters, seed):
+    """Cluster = argmax of the cluster-MLP (Algorithm 1, lines 18-20); without a cluster-MLP, k-means
+    on the instance-MLP's features (PICI paper, Sec. 4.4.3)."""
+    out = embed(model, images, aug, env)
+    if "p" not in out:
+        return common.kmeans(out["z"], num_clusters, seed)
+    conf, pred = out["p"].max(dim=1)
+    return pred, conf
+
+
+def stage_lengths(args, pisd):
+    """Epochs of (pretrain, train, boost): as given, or --epochs split 200:800:50 (PICI paper, Sec. 4.1)
+    with at least one epoch per stage while there are enough, earlier stages first. Without PISD there
+    is nothing to pre-train: those epochs go to training."""
+    given = (args.pretrain_epochs, args.train_epochs, args.boost_epochs)
+    if all(g is not None for g in given):
+        return given
+    total = args.epochs if args.epochs is not None else 1050
+    pretrain = min(total, max(1, round(total * 200 / 1050))) if pisd else 0
+    boost = min(max(total - pretrain - 1, 0), max(1, round(total * 50 / 1050)))
+    return pretrain, total - pretrain - boost, boost
+
+
+def stage_of(epoch, lengths):
+    """The stage of (0-based) epoch."""
+    return list(STAGES)[(epoch >= lengths[0]) + (epoch >= lengths[0] + lengths[1])]
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, description=__doc__)
+    pisd, cli = "pisd" not in args.ablate, "cli" not in args.ablate
+    given = [g is not None for g in (args.pretrain_epochs, args.train_epochs, args.boost_epochs)]
+    common.check(all(given) or not any(given), "give all three of --pretrain-epochs, --train-epochs, --boost-epochs, or none (then --epochs is split 200:800:50)")
+    lengths = stage_lengths(args, pisd)
+    common.check(min(lengths) >= 0, f"stage lengths must not be negative, got {lengths}")
+    common.check(pisd or lengths[0] == 0, "--ablate pisd leaves nothing to pre-train: pass --pretrain-epochs 0")
+    args.epochs = sum(lengths) if args.epochs is None else args.epochs
+    common.check(args.epochs <= sum(lengths), f"--epochs {args.epochs} is more than the {sum(lengths)} epochs of the stages: raise a stage length")
+    common.check(args.image_size % 16 == 0 and args.image_size >= 16,
+                 f"--image-size {args.image_size} is not a multiple of 16 (the ViT patches are 16x16): use e.g. 32, 64, 128 or 224")
+    keep = int((args.image_size // 16) ** 2 * (1 - args.mask_ratio))
+    common.check(0 <= args.mask_ratio < 1 and keep >= 1 and (keep < (args.image_size // 16) ** 2 or not pisd),
+                 f"--mask-ratio {args.mask_ratio} must remove at least one of the {(args.image_size // 16) ** 2} patches and keep one: use e.g. 0.5")
+    common.check(args.heads == "both" or not cli, f"--heads {args.heads}: CLI needs both heads (pseudo-labels from one, targets for the other): add --ablate cli")
+    env = common.Env(args, "pici")
+    run_path = common.run_dir(args, "pici")
+    logger = common.Logger(run_path, env)
+    ds = common.load_data(args, env)
+    aug = data.Augmentation("pici", args.image_size)  # view a weak (resize, normalise), view b CC's strong family (Sec. 3.1, 4.1)
+    # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads), env,
+                                compile=args.compile, find_unused=True)
+    optimizer = common.adam(model.parameters(), args.lr, env)  # one optimiser for all three stages
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling, augmentation and masking; one stream per process
+    common.header(logger, "PICI", ds, env, model, run_path)
+
+    start_epoch = 0
+    if args.eval_only or args.resume:
+        state = common.load_checkpoint(args.eval_only or args.resume, "pici", run_path)
+        common.check(all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "ablate")),
+                     "the checkpoint was trained with other --heads/--vit/--ablate: pass the values it was trained with")
+        start_epoch = common.restore(state, model, optimizer, env, gen)
+        common.check(args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
+                     f"the checkpoint's epoch {start_epoch} was in stage {state['stage']}, this schedule {lengths} puts it in "
+                     f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {tuple(state['stages'])}")
+        logger.print(f"resumed from epoch {start_epoch} (stage {state['stage']})")
+    if env.is_main:
+        common.write_json(run_path / "args.json", vars(args))
+    images = common.place_images(ds.images, args.data_on_device, env)
+    active = {"pisd": pisd, "instance": args.heads != "cluster", "cluster": args.heads != "instance", "cli": cli}
+    stage_terms = {stage: [t for t in terms if active[t]] for stage, terms in STAGES.items()}  # the losses of each stage
+    ends = [sum(lengths[:i + 1]) for i in range(3)]  # last epoch (1-based) of each stage
+    for (stage, terms), n, end in zip(stage_terms.items(), lengths, ends):
+        logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}")
+
+    def save(epoch):
+        if env.is_main:
+            common.atomic_save(common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
+                                                       stage=stage_of(epoch - 1, lengths) if epoch else None), run_path / "checkpoint.pt")
+
+    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
+    try:
+        for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            stage = stage_of(epoch, lengths)
+            terms = stage_terms[stage]
+            parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting
+            t0, steps, extra = time.perf_counter(), 0, {}
+            if "cli" in terms:  # pseudo-labels of the whole dataset at the start of each boosting epoch (SPEC §2)
+                targets = torch.empty(len(ds.images), dtype=torch.long, device=env.device)
+                if env.is_main:
+                    out = embed(model, images, aug, env)
+                    targets.copy_(pseudo_labels(out["z"], out["p"], ds.num_classes, args.seed + epoch))
+                    extra["cli_agreement"] = (targets.cpu() == out["p"].argmax(dim=1)).float().mean().item()
+                if env.distributed:
+                    torch.distributed.broadcast(targets, src=0)
+            totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
+            for x, _, idx in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                x_a, x_b = aug.views(x, gen)
+                with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
+                    z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, gen, **parts)
+                    z_b, p_b, pixels_b, mask_b = net(x_b, args.mask_ratio, gen, **parts)
+                losses = []
+                if "pisd" in terms:  # target: the normalised view the encoder saw, patch by patch
+                    losses.append((reconstruction_loss(pixels_a, common.patchify(x_a), mask_a)
+                                   + reconstruction_loss(pixels_b, common.patchify(x_b), mask_b)) / 2)  # Eq. (1)
+                if "instance" in terms:
+                    z_a, z_b = common.gather(z_a, z_b, env=env)  # the global batch, with gradients
+                    losses.append(instance_loss(z_a, z_b, args.instance_temperature))
+                if "cluster" in terms:
+                    p_a, p_b = common.gather(p_a, p_b, env=env)
+                    losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
+                if "cli" in terms:
+                    losses.append(cli_loss(p_a, p_b, common.gather(targets[idx.to(env.device)], env=env)))
+                losses = torch.stack(losses)
+                env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16
+                totals += losses.detach()
+                steps += 1
+
+            means = (totals / steps).tolist()
+            seconds = time.perf_counter() - t0  # pseudo-labelling included: it is part of training
+            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
+            record = {"epoch": epoch + 1, "stage": stage, "loss": sum(means), **{f"loss_{t}": m for t, m in zip(terms, means)},
+                      **extra, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                common.fail_nonfinite(epoch + 1, run_path)
+            evaluate_now = (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 in ends  # every stage's end
+            if env.is_main and evaluate_now and epoch + 1 < args.epochs:
+                pred, _ = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
+            logger.log(record)
+            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(epoch + 1)
+            done = epoch + 1
+    except KeyboardInterrupt:
+        save(done)  # the weights as they are; resuming repeats the interrupted epoch
+        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
+        raise SystemExit(130)
+
+    if env.is_main:
+        pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
+                      wall_seconds=time.perf_counter() - wall_start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""PICI: each loss against a loop transcription of its equation, pseudo-labelling, parameter counts,
+the stage schedule, and end-to-end runs through all three stages with exact resume."""
+import itertools
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import pici
+from conftest import ROOT, check_run_files, run_script
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------
+def loop_reconstruction(pred, target, mask, eps=1e-6):
+    """Eq. (1), one view, MAE's norm_pix_loss: each masked patch's target standardised by its own
+    mean and (unbiased) variance, squared error averaged over its pixels, then over masked patches."""
+    total, count = 0.0, 0
+    B, L, P = pred.shape
+    for b in range(B):
+        for l in range(L):
+            if mask[b, l] == 0:
+                continue
+            t = target[b, l].tolist()
+            mean = sum(t) / P
+            var = sum((v - mean) ** 2 for v in t) / (P - 1)
+            total += sum((pred[b, l, k].item() - (t[k] - mean) / math.sqrt(var + eps)) ** 2 for k in range(P)) / P
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("B,L,P", [(2, 4, 12), (3, 9, 6)])
+def test_reconstruction_loss_matches_loop_and_ignores_visible_patches(B, L, P):
+    g = torch.Generator().manual_seed(B * L)
+    pred, target = torch.randn(B, L, P, generator=g, dtype=torch.float64), 3 * torch.rand(B, L, P, generator=g, dtype=torch.float64) + 1
+    mask = torch.zeros(B, L)
+    for b in range(B):
+        mask[b, torch.randperm(L, generator=g)[: L // 2]] = 1
+    loss = pici.reconstruction_loss(pred, target, mask)
+    assert loss.item() == pytest.approx(loop_reconstruction(pred, target, mask), rel=1e-5)
+    visible = (mask == 0)[..., None]
+    changed = pici.reconstruction_loss(pred + 5 * visible, target * torch.where(visible, 3.0, 1.0), mask)
+    assert changed.item() == pytest.approx(loss.item(), rel=1e-9)  # visible patches do not count
+    assert pici.reconstruction_loss(pred + 0.1 * (1 - visible.double()), target, mask).item() != pytest.approx(loss.item())
+
+
+def loop_nt_xent(a, b, temperature):
+    """Eq. (5)-(6) (and Eq. 8 on columns): for each of the 2N rows, -log of exp(sim to its other view)
+    over the sum of exp(sim) to every other row (self excluded, SPEC §1); mean over the 2N rows."""
+    rows = [F.normalize(r, dim=0) for r in list(a) + list(b)]
+    n, total = len(a), 0.0
+    for i, r in enumerate(rows):
+        positive = (i + n) % (2 * n)
+        sims = [math.exp((r @ rows[j]).item() / temperature) for j in range(2 * n) if j != i]
+        total += -math.log(math.exp((r @ rows[positive]).item() / temperature) / sum(sims))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,d,t", [(4, 3, 0.5), (7, 5, 1.0), (3, 8, 0.2)])
+def test_instance_loss_matches_loop(n, d, t):
+    g = torch.Generator().manual_seed(n)
+    z_a, z_b = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    assert pici.instance_loss(z_a, z_b, t).item() == pytest.approx(loop_nt_xent(z_a, z_b, t), rel=1e-5)
+
+
+def loop_cluster(p_a, p_b, temperature):
+    """Eq. (8), (9)-(11): NT-Xent over the 2K columns plus log K - H(P) per view, P = column sums / N."""
+    contrastive = loop_nt_xent(p_a.T, p_b.T, temperature)
+    entropy = 0.0
+    for p in (p_a, p_b):
+        n, k = p.shape
+        for j in range(k):
+            share = sum(p[i, j].item() for i in range(n)) / n
+            entropy += share * math.log(share)
+        entropy += math.log(k)
+    return contrastive + entropy
+
+
+@pytest.mark.parametrize("n,k,t", [(5, 3, 1.0), (8, 4, 0.5), (6, 6, 2.0)])
+def test_cluster_loss_matches_loop(n, k, t):
+    g = torch.Generator().manual_seed(k)
+    p_a = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
+    p_b = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
+    assert pici.cluster_loss(p_a, p_b, t).item() == pytest.approx(loop_cluster(p_a, p_b, t), rel=1e-5)
+
+
+def test_cluster_loss_finite_gradient_with_an_empty_cluster():
+    logits = torch.randn(6, 4, requires_grad=True)
+    p = torch.cat([logits.softmax(1)[:, :3], torch.zeros(6, 1)], dim=1)  # cluster 3 gets no mass at all
+    loss = pici.cluster_loss(p, p.flip(0), 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("n,k", [(4, 3), (9, 5)])
+def test_cli_loss_is_cross_entropy_of_probabilities(n, k):
+    g = torch.Generator().manual_seed(n)
+    p_a = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
+    p_b = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
+    targets = torch.randint(k, (n,), generator=g)
+    loop = 0.5 * sum(-sum(math.log(p[i, targets[i]].item()) for i in range(n)) / n for p in (p_a, p_b))  # Eq. (15)
+    loss = pici.cli_loss(p_a, p_b, targets)
+    assert loss.item() == pytest.approx(loop, rel=1e-6)
+    nll = (F.nll_loss(p_a.log(), targets) + F.nll_loss(p_b.log(), targets)) / 2
+    assert loss.item() == pytest.approx(nll.item(), rel=1e-6)
+    second_softmax = (F.cross_entropy(p_a, targets) + F.cross_entropy(p_b, targets)) / 2
+    assert loss.item() != pytest.approx(second_softmax.item(), rel=1e-3)  # the log is of p itself
+
+
+def test_cli_loss_finite_gradient_at_zero_probability():
+    logits = torch.randn(5, 3, requires_grad=True)
+    p = torch.cat([logits.softmax(1)[:, :2], torch.zeros(5, 1)], dim=1)
+    loss = pici.cli_loss(p, p, torch.tensor([2, 0, 1, 2, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# pseudo-labels (Eq. 12-14 and the matching)
+# ---------------------------------------------------------------------------------------------
+def test_match_labels_maximises_agreement():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pseudo, pred = torch.randint(3, (30,), generator=g), torch.randint(3, (30,), generator=g)
+        best = max((pred == torch.tensor(perm)[pseudo]).sum().item() for perm in itertools.permutations(range(3)))
+        matched = pici.match_labels(pseudo, pred, 3)
+        assert (matched == pred).sum().item() == best
+        assert len(set(zip(pseudo.tolist(), matched.tolist()))) == len(set(pseudo.tolist()))  # one-to-one renaming
+
+
+def test_pseudo_labels_recover_obvious_clusters_in_the_heads_names():
+    g = torch.Generator().manual_seed(1)
+    k, per = 5, 40
+    truth = torch.arange(k).repeat_interleave(per)
+    centres = 10 * torch.randn(k, 16, generator=g)
+    z = centres[truth] + 0.1 * torch.randn(k * per, 16, generator=g)
+    names = torch.tensor([3, 0, 4, 1, 2])  # the cluster head calls true class c "names[c]"
+    head = names[truth].clone()
+    wrong = torch.randperm(k * per, generator=g)[:30]  # and gets 15% wrong
+    head[wrong] = torch.randint(k, (30,), generator=g)
+    p = F.one_hot(head, k).float() * 0.6 + 0.4 / k
+    labels = pici.pseudo_labels(z, p, k, seed=0)
+    assert torch.equal(labels, names[truth])  # k-means recovers the structure, named as the head names it
+
+
+# ---------------------------------------------------------------------------------------------
+# network and schedule
+# ---------------------------------------------------------------------------------------------
+def count(module, without=()):
+    return sum(p.numel() for n, p in module.named_parameters() if p.requires_grad and n not in without)
+
+
+def test_parameter_counts():
+    k = 21
+    net = pici.Network(k, 224)
+    assert count(net.backbone, ["pos_embed"]) == 10_943_232
+    assert net.backbone.pos_embed.numel() == 75_648 and net.backbone.pos_embed.requires_grad
+    assert count(net.decoder, ["pos_embed"]) == 25_811_712
+    assert net.decoder.pos_embed.numel() == 100_864 and net.decoder.pos_embed.requires_grad
+    assert count(net.instance_head) == 197_120
+    assert count(net.cluster_head) == 147_840 + 385 * k
+    tiny, base = pici.Network(k, 32, "tiny"), pici.Network(k, 32, "base")
+    assert (tiny.backbone.dim, len(tiny.backbone.blocks), base.backbone.dim, len(base.backbone.blocks)) == (192, 4, 768, 12)
+    assert pici.Network(k, 32, heads="instance").cluster_head is None and pici.Network(k, 32, heads="cluster").instance_head is None
+
+
+def test_forward_masks_half_the_patches_with_the_given_generator():
+    torch.manual_seed(0)
+    net = pici.Network(4, 64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    z, p, pixels, mask = net(x, 0.5, torch.Generator().manual_seed(7), decode=True)
+    assert z.shape == (3, 128) and torch.allclose(z.norm(dim=1), torch.ones(3)) and torch.allclose(p.sum(1), torch.ones(3))
+    assert pixels.shape == (3, 16, 16 * 16 * 3) and mask.shape == (3, 16) and (mask.sum(1) == 8).all()
+    z2, _, _, mask2 = net(x, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(mask, mask2) and torch.allclose(z, z2)  # the run's generator decides the mask
+    z_full, _, pixels_none, mask_none = net(x)
+    assert pixels_none is None and mask_none is None and not torch.allclose(z_full, z)  # test time: the whole image
+
+
+@pytest.mark.parametrize("epochs,pisd,expected", [(1050, True, (200, 800, 50)), (21, True, (4, 16, 1)), (3, True, (1, 1, 1)),
+                                                   (2, True, (1, 1, 0)), (1, True, (1, 0, 0)), (None, True, (200, 800, 50)),
+                                                   (1050, False, (0, 1000, 50))])
+def test_stage_lengths(epochs, pisd, expected):
+    args = SimpleNamespace(epochs=epochs, pretrain_epochs=None, train_epochs=None, boost_epochs=None)
+    assert pici.stage_lengths(args, pisd) == expected
+    assert [pici.stage_of(e, expected) for e in range(sum(expected))] == ["pretrain"] * expected[0] + ["train"] * expected[1] + ["boost"] * expected[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end (CPU)
+# ---------------------------------------------------------------------------------------------
+def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_of_boosting(tmp_path, shared_data):
+    """conftest.check_resume's comparison, stopping inside a stage rather than after epoch 1: stages
+    1 + 1 + 2, one run straight through, one stopped after the first boosting epoch and resumed (the
+    pseudo-labels of the last epoch are then computed from restored weights). Three processes
+    instead of check_resume's three plus another three for the mid-stage case: CPU time."""
+    common_args = ["--dataset", shared_data / "ucmerced", "--max-images", 64, "--image-size", 32, "--eval-every", 1, "--save-every", 1,
+                   "--batch-size", 32, "--pretrain-epochs", 1, "--train-epochs", 1, "--boost-epochs", 2]  # 64 images: CPU time
+    run = lambda name, *extra: run_script("pici.py", *common_args, "--run-name", name, *extra, out_dir=tmp_path, data_root=tmp_path / "data")
+    full = run("full")
+    run("part", "--epochs", 3)
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert state["stage"] == "boost" and state["stages"] == [1, 1, 2] and state["epoch"] == 3
+    resumed = run("part", "--resume", "auto")
+    assert "resumed from epoch 3 (stage boost)" in resumed and "final: NMI" in full
+    a = check_run_files(tmp_path / "full", 64, 4)
+    b = json.loads((tmp_path / "part" / "final.json").read_text())
+    assert all(a[k] == b[k] for k in ("nmi", "acc", "ari")), (a, b)
+    logs = {p: [json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("full", "part")}
+    assert [r["loss"] for r in logs["full"]] == [r["loss"] for r in logs["part"]]  # every epoch, exactly
+    log = logs["full"]
+    assert [r["stage"] for r in log] == ["pretrain", "train", "boost", "boost"]
+    assert [sorted(k for k in r if k.startswith("loss_")) for r in log] == [
+        ["loss_pisd"], ["loss_cluster", "loss_instance", "loss_pisd"]] + [["loss_cli", "loss_cluster", "loss_instance"]] * 2
+    assert all("nmi" in r for r in log[:3])  # evaluated every epoch here; the stage ends always are
+    assert all(0 <= r["cli_agreement"] <= 1 for r in log[2:])
+
+
+def test_one_head_ablation_clusters_by_kmeans(tmp_path, shared_data):
+    out = run_script("pici.py", "--dataset", shared_data / "ucmerced", "--max-images", 128, "--image-size", 32, "--batch-size", 64,
+                     "--epochs", 1, "--ablate", "pisd,cli", "--heads", "instance", "--run-name", "t7", out_dir=tmp_path, data_root=tmp_path / "data")
+    assert "stage pretrain: 0 epochs" in out and "final: NMI" in out
+    log = json.loads((tmp_path / "t7" / "log.jsonl").read_text())
+    assert log["stage"] == "train" and [k for k in log if k.startswith("loss_")] == ["loss_instance"]
+
+
+@pytest.mark.parametrize("bad", [["--image-size", "40"], ["--batch-size", "1"], ["--heads", "instance"], ["--boost-epochs", "3"],
+                                 ["--mask-ratio", "1.0"], ["--ablate", "pisd", "--pretrain-epochs", "1", "--train-epochs", "1", "--boost-epochs", "1"],
+                                 ["--epochs", "5", "--pretrain-epochs", "1", "--train-epochs", "1", "--boost-epochs", "1"]])
+def test_bad_arguments_exit_2(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as stop:  # in-process: the checks come before any work, so this is cheap
+        pici.main(["--out-dir", str(tmp_path), "--data-root", str(tmp_path), "--device", "cpu", *bad])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # failed before any work
+
+
+def test_script_exits_2_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "pici.py"), "--out-dir", str(tmp_path), "--device", "cpu", "--image-size", "40"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "multiple of 16" in proc.stderr

@@ -1,0 +1,203 @@
+"""Tests of vtcc.py: each loss against a loop transcription of the VTCC paper's equations, the
+network's sizes (Tables V-VII), and end-to-end runs on the CPU (files, exact resume, bad input)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vtcc
+from conftest import ROOT, check_resume, check_run_files, run_script
+
+
+def cos(u, v):
+    """Eq. (1); a zero vector (an empty cluster column) has similarity 0 to everything, as with
+    F.normalize's eps."""
+    return (u @ v) / (max(u.norm(), 1e-12) * max(v.norm(), 1e-12))
+
+
+def nt_xent_loop(a, b, tau):
+    """Eq. (2)-(5) (and (6)-(9) on cluster columns) for lists of vectors a[i], b[i], i = 1..n.
+
+    Denominator: the other n-1 vectors of the own view and all n of the other view, the positive
+    included (SPEC §1, as CC; the paper's printed j != i would drop it)."""
+    n, total = len(a), 0.0
+    for i in range(n):
+        for own, other in ((a, b), (b, a)):
+            num = math.exp(cos(own[i], other[i]) / tau)
+            den = sum(math.exp(cos(own[i], own[j]) / tau) for j in range(n) if j != i)
+            den += sum(math.exp(cos(own[i], other[j]) / tau) for j in range(n))
+            total += -math.log(num / den)
+    return total / (2 * n)
+
+
+def cluster_loop(p_a, p_b, tau):
+    """Eq. (6)-(11): NT-Xent over the K columns, plus log K - Entropy(p(Y)) per view."""
+    n, k = p_a.shape
+    loss = nt_xent_loop([p_a[:, i] for i in range(k)], [p_b[:, i] for i in range(k)], tau)
+    for y in (p_a, p_b):
+        total = sum(float(y[j, i]) for j in range(n) for i in range(k))
+        share = [sum(float(y[j, i]) for j in range(n)) / total for i in range(k)]  # Eq. (11), over ||Y||_1
+        loss += math.log(k) + sum(s * math.log(s) for s in share if s > 0)  # - Entropy, Eq. (10)
+    return loss
+
+
+@pytest.mark.parametrize("n,d,tau", [(2, 3, 0.5), (5, 8, 0.1), (16, 4, 1.0), (7, 128, 0.5)])
+def test_instance_loss_matches_loop(n, d, tau):
+    g = torch.Generator().manual_seed(n * d)
+    z_a, z_b = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    expected = nt_xent_loop(list(z_a), list(z_b), tau)
+    assert vtcc.instance_loss(z_a, z_b, tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("n,k,tau", [(4, 2, 1.0), (8, 3, 0.5), (16, 10, 1.0), (5, 21, 0.2)])
+def test_cluster_loss_matches_loop(n, k, tau):
+    g = torch.Generator().manual_seed(n * k)
+    p_a = torch.softmax(2 * torch.randn(n, k, generator=g), dim=1)
+    p_b = torch.softmax(2 * torch.randn(n, k, generator=g), dim=1)
+    expected = cluster_loop(p_a.double(), p_b.double(), tau)
+    assert vtcc.cluster_loss(p_a, p_b, tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_losses_invariances():
+    g = torch.Generator().manual_seed(0)
+    z_a, z_b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    perm, scale = torch.randperm(6, generator=g), torch.rand(6, 1, generator=g) + 0.1
+    ref = vtcc.instance_loss(z_a, z_b, 0.5)
+    torch.testing.assert_close(vtcc.instance_loss(z_a * scale, z_b, 0.5), ref)  # cosine: row scale is irrelevant
+    torch.testing.assert_close(vtcc.instance_loss(z_a[perm], z_b[perm], 0.5), ref)  # sample order
+    torch.testing.assert_close(vtcc.instance_loss(z_b, z_a, 0.5), ref)  # the two views play the same role
+    p_a, p_b = torch.softmax(torch.randn(6, 4, generator=g), 1), torch.softmax(torch.randn(6, 4, generator=g), 1)
+    ref = vtcc.cluster_loss(p_a, p_b, 1.0)
+    cols = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(vtcc.cluster_loss(p_a[:, cols], p_b[:, cols], 1.0), ref)  # cluster ids are arbitrary
+    torch.testing.assert_close(vtcc.cluster_loss(p_a[perm], p_b[perm], 1.0), ref)
+    # the entropy term is 0 for a uniform batch share and positive otherwise: it fights collapse
+    uniform = torch.eye(4).repeat(2, 1)
+    collapsed = torch.zeros(8, 4).index_fill_(1, torch.tensor([0]), 1.0)
+    contrastive = lambda p: vtcc.instance_loss(p.T, p.T, 1.0)
+    assert (vtcc.cluster_loss(uniform, uniform, 1.0) - contrastive(uniform)).abs() < 1e-6
+    assert vtcc.cluster_loss(collapsed, collapsed, 1.0) - contrastive(collapsed) == pytest.approx(2 * math.log(4), rel=1e-5)
+
+
+def test_cluster_loss_finite_with_empty_cluster():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(8, 5, generator=g), 1)
+    p[:, 0] = 0  # no sample gives cluster 0 any mass
+    p = (p / p.sum(1, keepdim=True)).requires_grad_()
+    q = torch.softmax(torch.randn(8, 5, generator=g), 1).requires_grad_()
+    loss = vtcc.cluster_loss(p, q, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    assert loss.item() == pytest.approx(cluster_loop(p.detach().double(), q.detach().double(), 1.0), rel=1e-5)
+    # through the softmax, with a column that underflows to exactly 0 in fp32
+    logits = torch.randn(8, 5, generator=g)
+    logits[:, 3] = -500
+    logits.requires_grad_()
+    probs = torch.softmax(logits, 1)
+    assert (probs[:, 3] == 0).all()
+    vtcc.cluster_loss(probs, probs.flip(0), 1.0).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_parameter_counts():
+    for k in (4, 21):
+        net = vtcc.Network(k)
+        assert count(net.backbone) == 15_218_352  # conv stem + 8 blocks + final norm + CLS; positions are fixed
+        assert count(net.instance_head) == 3_155_072
+        assert count(net.cluster_head) == 2_958_336 + 1537 * k
+    only_instance, only_cluster = vtcc.Network(21, heads="instance"), vtcc.Network(21, heads="cluster")
+    assert only_instance.cluster_head is None and count(only_instance) == 15_218_352 + 3_155_072  # Table VII: removed
+    assert only_cluster.instance_head is None and count(only_cluster) == 15_218_352 + 2_958_336 + 1537 * 21
+
+
+@pytest.mark.parametrize("vit,width,depth", [("tiny", 192, 4), ("small", 384, 8), ("base", 768, 12)])
+@pytest.mark.parametrize("stem", ["conv", "patchify"])
+def test_vit_sizes(vit, width, depth, stem):
+    """Table VI widths and depths with 12 heads; Table V's two stems; counts from the layer shapes."""
+    backbone = vtcc.Network(4, image_size=32, vit=vit, stem=stem).backbone
+    assert backbone.dim == width and len(backbone.blocks) == depth
+    assert all(block.attn.heads == 12 for block in backbone.blocks)
+    if stem == "conv":
+        widths = [3, width // 8, width // 4, width // 2, width]
+        stem_params = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:])) + width * width + width
+    else:
+        stem_params = 16 * 16 * 3 * width + width
+    block = 12 * width * width + 13 * width  # qkv, proj, MLP 4x and two LayerNorms
+    assert count(backbone) == stem_params + depth * block + 2 * width + width  # + final norm + CLS
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 224])
+def test_token_count_follows_image_size(size):
+    net = vtcc.Network(4, image_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    tokens, _, _ = net.backbone.forward_features(x)
+    assert tokens.shape == (2, 1 + (size // 16) ** 2, 384)
+    assert net.backbone.pos_embed.shape == (1, 1 + (size // 16) ** 2, 384)
+    z, p = net(x)
+    assert z.shape == (2, 128) and p.shape == (2, 4)
+    torch.testing.assert_close(p.sum(1), torch.ones(2))
+
+
+def test_other_image_sizes_fail_clearly():
+    for size in (40, 100, 8):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            vtcc.Network(4, image_size=size)
+    with pytest.raises(ValueError, match="built for 32"):
+        vtcc.Network(4, image_size=32)(torch.randn(2, 3, 64, 64))
+
+
+def test_end_to_end_and_exact_resume(tmp_path, shared_data):
+    final = check_resume("vtcc.py", tmp_path, shared_data, "--batch-size", 64)
+    args = json.loads((tmp_path / "full" / "args.json").read_text())
+    assert args["heads"] == "both" and args["vit"] == "small" and args["stem"] == "conv"
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(r["loss_instance"] + r["loss_cluster"]) for r in log)
+    assert final["epochs"] == 2
+
+
+def test_instance_projector_only(tmp_path, shared_data):
+    """Table VII's instance-only run clusters by k-means on the instance features; a resume with
+    another projector set is refused in one line, not a state-dict dump."""
+    args = ["--dataset", shared_data / "ucmerced", "--max-images", 256, "--image-size", 32, "--batch-size", 64,
+            "--vit", "tiny", "--stem", "patchify", "--run-name", "inst"]
+    out = run_script("vtcc.py", *args, "--heads", "instance", "--epochs", 1, out_dir=tmp_path, data_root=tmp_path / "data")
+    assert "final: NMI" in out
+    check_run_files(tmp_path / "inst", 256, 1)
+    log = json.loads((tmp_path / "inst" / "log.jsonl").read_text())
+    assert "loss_instance" in log and "loss_cluster" not in log
+    proc = subprocess.run([sys.executable, str(ROOT / "vtcc.py"), *map(str, args), "--epochs", "2", "--resume", "auto",
+                           "--out-dir", str(tmp_path), "--data-root", str(tmp_path / "data"), "--device", "cpu", "--threads", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--heads" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--image-size", "40"], "multiple of 16"),
+    (["--image-size", "0"], "multiple of 16"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--num-clusters", "1"], "--num-clusters"),
+    (["--heads", "neither"], "--heads"),
+    (["--vit", "huge"], "--vit"),
+    (["--stem", "none"], "--stem"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        vtcc.main(["--dataset", "no-such-dataset", "--out-dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "error:" in err[-1] and words in err[-1], err
+    assert not (tmp_path / "out").exists()  # nothing written, no dataset looked for
+
+
+def test_bad_image_size_exits_2_in_one_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "vtcc.py"), "--image-size", "40", "--out-dir", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "multiple of 16" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

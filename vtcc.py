@@ -1,0 +1,213 @@
+"""Vision Transformer for Contrastive Clustering (VTCC).
+
+Ling, Zhu, Huang, Chen, Wang, Lai. "Vision Transformer for Contrastive Clustering". arXiv preprint.
+A ViT-Small whose patch projection is a convolutional stem (four stride-2 3x3 convs, then a 1x1
+conv) embeds two BYOL-style augmented views of each image; an instance projector is trained with
+NT-Xent on the rows of the feature matrix and a cluster projector with NT-Xent on its columns
+(soft cluster assignments), plus an entropy term against collapse. The cluster projector's argmax
+is the clustering.
+
+Usage: python vtcc.py --dataset rsod --epochs 1000
+       python vtcc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+from common import arg
+
+VITS = {"tiny": (192, 4), "small": (384, 8), "base": (768, 12)}  # width, blocks (VTCC paper, Table VI; 12 heads each)
+
+
+@dataclass
+class Args:
+    dataset: str = arg("digits", "dataset name (rsod, ucmerced, aid, dtd, ...; see README) or a folder of images")
+    data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
+    image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
+    epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
+    batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
+    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: VTCC paper, Sec. III-A; SPEC §1")
+    instance_temperature: float = arg(0.5, "tau_I, Eq. (3)-(4): the VTCC paper gives no value; CC's (SPEC §2)")
+    cluster_temperature: float = arg(1.0, "tau_C, Eq. (7)-(8): the VTCC paper gives no value; CC's (SPEC §2)")
+    feature_dim: int = arg(128, "instance projector output size: not given in the VTCC paper; CC's value (SPEC §2)")
+    vit: str = arg("small", "ViT size: VTCC paper uses ViT-Small, 384 wide, 8 blocks (Sec. III-A); Table VI compares "
+                   "tiny (192, 4 blocks), small and base (768, 12 blocks), all 12 heads", choices=list(VITS))
+    stem: str = arg("conv", "patch projection: conv stem, VTCC paper, Sec. II-B1; Table V compares the 16x16 patchify stem",
+                    choices=["conv", "patchify"])
+    heads: str = arg("both", "projectors trained: both, Eq. (12); Table VII trains one only (instance: clusters by "
+                     "k-means on its features)", choices=["both", "instance", "cluster"])
+    seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
+    device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the network")
+    deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
+    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
+    eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
+    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
+    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    out_dir: str = arg("runs", "where run folders are written")
+    run_name: str = arg(None, "run folder name (default: vtcc-<dataset>-seed<seed>, numbered when taken)")
+    max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+
+
+def projector(width, out, hidden=1536):
+    """Three-layer MLP as in MoCo v3 (VTCC paper, Sec. III-A): Linear-BN-ReLU twice, then Linear.
+    Hidden width 1536 (SPEC §2), kept for every ViT size as MoCo v3 keeps its own fixed."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class Network(nn.Module):
+    """ViT backbone with the convolutional stem and fixed 2-D sin-cos positions, giving the CLS token
+    after the final norm (VTCC paper, Sec. II-B, Fig. 1; SPEC §2), an instance projector (to the row
+    space) and a cluster projector (to K, softmax). A projector left out (Table VII) is None."""
+
+    def __init__(self, num_clusters, image_size=224, vit="small", stem="conv", feature_dim=128, heads="both"):
+        super().__init__()
+        width, depth = VITS[vit]
+        self.backbone = common.ViT(image_size, width, depth, heads=12, stem=stem, positions="fixed")
+        self.instance_head = projector(width, feature_dim) if heads != "cluster" else None
+        self.cluster_head = nn.Sequential(projector(width, num_clusters), nn.Softmax(dim=1)) if heads != "instance" else None
+
+    def forward(self, x):
+        h = self.backbone(x)  # (B, width)
+        z = self.instance_head(h) if self.instance_head is not None else None
+        p = self.cluster_head(h) if self.cluster_head is not None else None
+        return z, p  # z (B, 128), p (B, K)
+
+
+def instance_loss(z_a, z_b, temperature):
+    """Instance-level contrastive loss over the 2N augmented samples (VTCC paper, Sec. II-C1, Eq. 1-5).
+
+    Each row's positive is its other view. Eq. (3)-(4) as printed sum over j != i in both terms,
+    which would also drop the positive from the denominator; we follow CC, the paper they cite:
+    only self is excluded (SPEC §1)."""
+    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
+    n = len(z_a)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)  # Eq. (3)-(4) per row, Eq. (2) and (5): sum over both views / 2N
+
+
+def cluster_loss(p_a, p_b, temperature, eps=1e-8):
+    """Cluster-level contrastive loss (VTCC paper, Sec. II-C2, Eq. 6-11).
+
+    The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
+    2K columns (Eq. 6-8), minus the entropy of the batch's share of each cluster, per view (Eq. 9-10).
+    log K is added per view so the term stays non-negative (the authors' code; SPEC §1). Eq. (11)
+    divides by the column's own L1 norm, which would make every share 1; the share is the column sum
+    over the whole matrix's sum, as in CC. The clamp keeps value and gradient finite when a cluster
+    gets no mass."""
+    p_a, p_b = p_a.float(), p_b.float()
+    contrastive = instance_loss(p_a.T, p_b.T, temperature)  # Eq. (6)-(8), and the 1/2K mean of Eq. (9)
+    entropy = 0.0
+    for p in (p_a, p_b):
+        share = p.sum(dim=0) / p.sum()  # Eq. (11)
+        entropy = entropy + torch.log(torch.tensor(float(p.shape[1]))) + (share * torch.log(share.clamp_min(eps))).sum()  # Eq. (10)
+    return contrastive + entropy  # Eq. (9)
+
+
+def evaluate(model, images, aug, env, num_clusters, seed):
+    """Cluster = argmax of the cluster projector on the deterministic eval view (SPEC §1); without a
+    cluster projector, k-means on the instance projector's features (VTCC paper, Sec. III-D3)."""
+    model.eval()
+    if model.cluster_head is None:
+        out = common.predict(lambda x: {"z": model.instance_head(model.backbone(x))}, images, aug.eval, env)
+        model.train()
+        return common.kmeans(out["z"], num_clusters, seed)
+    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
+    model.train()
+    conf, pred = out["p"].max(dim=1)
+    return pred, conf
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, description=__doc__)
+    common.check(args.image_size % 16 == 0 and args.image_size >= 16,
+                 f"--image-size {args.image_size} is not a multiple of 16 (the ViT stem down-samples by 16): use e.g. 32, 64, 128 or 224")
+    env = common.Env(args, "vtcc")
+    run_path = common.run_dir(args, "vtcc")
+    logger = common.Logger(run_path, env)
+    ds = common.load_data(args, env)
+    aug = data.Augmentation("vtcc", args.image_size)  # BYOL's asymmetric views, ImageNet normalisation (Sec. III-A; SPEC §2)
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.stem, args.feature_dim, args.heads),
+                                env, channels_last=True, compile=args.compile)
+    optimizer = common.adam(model.parameters(), args.lr, env)
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
+    common.header(logger, "VTCC", ds, env, model, run_path)
+
+    start_epoch = 0
+    if args.eval_only or args.resume:
+        state = common.load_checkpoint(args.eval_only or args.resume, "vtcc", run_path)
+        common.check(all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "stem")),
+                     "the checkpoint was trained with other --heads/--vit/--stem: pass the values it was trained with")
+        start_epoch = common.restore(state, model, optimizer, env, gen)
+        logger.print(f"resumed from epoch {start_epoch}")
+    if env.is_main:
+        common.write_json(run_path / "args.json", vars(args))
+    images = common.place_images(ds.images, args.data_on_device, env)
+    terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]
+
+    def save(epoch):
+        if env.is_main:
+            common.atomic_save(common.checkpoint_state("vtcc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
+
+    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
+    try:
+        for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            t0, steps = time.perf_counter(), 0
+            totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
+            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                x_a, x_b = aug.views(x, gen)
+                with env.autocast():
+                    z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_b, p_b = net(x_b)
+                losses = []
+                if "instance" in terms:
+                    z_a, z_b = common.gather(z_a, z_b, env=env)  # the global batch, with gradients
+                    losses.append(instance_loss(z_a, z_b, args.instance_temperature))
+                if "cluster" in terms:
+                    p_a, p_b = common.gather(p_a, p_b, env=env)
+                    losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
+                losses = torch.stack(losses)
+                env.step(losses.sum(), optimizer)  # Eq. (12)
+                totals += losses.detach()
+                steps += 1
+
+            means = (totals / steps).tolist()
+            seconds = time.perf_counter() - t0
+            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
+            record = {"epoch": epoch + 1, "loss": sum(means), **{f"loss_{t}": m for t, m in zip(terms, means)},
+                      "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                common.fail_nonfinite(epoch + 1, run_path)
+            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+                pred, _ = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
+            logger.log(record)
+            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(epoch + 1)
+            done = epoch + 1
+    except KeyboardInterrupt:
+        save(done)  # the weights as they are; resuming repeats the interrupted epoch
+        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
+        raise SystemExit(130)
+
+    if env.is_main:
+        pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
+                      wall_seconds=time.perf_counter() - wall_start)
+
+
+if __name__ == "__main__":
+    main()
