@@ -386,11 +386,13 @@ def _report_bad(bad, total, folder):
     warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
 
 
-def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1):
+def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
     """Yield (uint8 images, labels or None, int64 indices) batches of the cached tensor.
 
     Shuffled with torch.randperm(generator) for training, in order for evaluation. With world_size > 1
-    each batch is this rank's contiguous share of the global batch of batch_size.
+    each batch is this rank's contiguous share of the global batch of batch_size. Images are indexed
+    where they live (on the GPU when the dataset was put there) and then moved to `device`, from
+    pinned memory without blocking when they come from the CPU.
     """
     n = len(images)
     if batch_size % world_size:
@@ -404,7 +406,10 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         if world_size > 1:
             idx = torch.tensor_split(idx, world_size)[rank]
         y = labels[idx.to(labels.device)] if labels is not None else None
-        yield images[idx.to(images.device)], y, idx
+        x = images[idx.to(images.device)]
+        if device is not None and x.device != torch.device(device):
+            x = x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+        yield x, y, idx
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def main(argv=None):
                 if env.distributed:
                     torch.distributed.broadcast(targets, src=0)
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, idx in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+            for x, _, idx in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
                     z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, gen, **parts)

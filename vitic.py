@@ -149,14 +149,16 @@ def main(argv=None):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (as in CC)
-                for x, _, _ in data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+                for x, _, _ in data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device):
                     x_a, x_b = aug.views(x, gen)
                     with env.autocast():
                         z_a, _ = net(x_a)
                         z_b, _ = net(x_b)
                     z_a, z_b = common.gather(z_a, z_b, env=env)
                     env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
-            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)

@@ -166,7 +166,8 @@ def main(argv=None):
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size):
+            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
