@@ -1,6 +1,6 @@
 """Tests for data.py: augmentation ops against torchvision, parameter sampling, dataset loading and caching.
 
-Run: python -m pytest -q test_data.py   (CPU, small images; the shared images in ../shared/data)
+Run: python -m pytest -q test_data.py   (CPU, small images; the shared images in ../shared/data or $SHARED_DATA)
 """
 
 import os
@@ -15,9 +15,11 @@ import torchvision.transforms.v2.functional as TF
 
 import data
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+from conftest import SHARED_DATA
+
+SHARED = str(SHARED_DATA or "shared-data-not-found")
 UCM = os.path.join(SHARED, "ucmerced")
-needs_shared = pytest.mark.skipif(not os.path.isdir(UCM), reason="needs ../shared/data")
+needs_shared = pytest.mark.usefixtures("shared_data")  # fails, naming SHARED_DATA, when the images are missing
 
 
 def real_batch(n=6, size=48):
