@@ -29,13 +29,15 @@ def premade(enabled):
         return
     made = {}
 
-    def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1):
+    def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
+        if not shuffle:  # evaluation reads the real data
+            yield from REAL_BATCHES(images, labels, batch_size, shuffle, drop_last, generator, rank, world_size, device)
+            return
         share = batch_size // world_size
-        steps = len(images) // batch_size if drop_last else -(-len(images) // batch_size)
         idx = data.torch.arange(share)
-        x = images[idx.to(images.device)]
-        y = labels[idx] if labels is not None else None
-        for _ in range(steps):
+        x = images[idx.to(images.device)].to(device or images.device)
+        y = labels[idx.to(labels.device)] if labels is not None else None
+        for _ in range(len(images) // batch_size):
             yield x, y, idx
 
     def views(self, x, generator):
@@ -50,7 +52,7 @@ def last_img_per_s(run_path):
     return json.loads((run_path / "log.jsonl").read_text().splitlines()[-1])["img_per_s"]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH))
     p.add_argument("--dataset", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "ucmerced"))
@@ -61,7 +63,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default="./data")
     p.add_argument("--extra", default="", help="more flags for every script, e.g. '--compile'")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for method in a.methods:
@@ -83,6 +85,7 @@ def main():
     print(f"\n{'method':8} {'loop img/s':>11} {'model img/s':>12} {'efficiency':>11}")
     for method, loop, model, ratio in rows:
         print(f"{method:8} {loop:11.1f} {model:12.1f} {ratio:11.2f}")
+    return rows
 
 
 if __name__ == "__main__":
