@@ -240,7 +240,7 @@ def main(argv=None):
     stage_terms = {stage: [t for t in terms if active[t]] for stage, terms in STAGES.items()}  # the losses of each stage
     ends = [sum(lengths[:i + 1]) for i in range(3)]  # last epoch (1-based) of each stage
     for (stage, terms), n, end in zip(stage_terms.items(), lengths, ends):
-        logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}")
+        logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
 
     def save(epoch):
         if env.is_main:
