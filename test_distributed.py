@@ -91,12 +91,13 @@ def worker(rank, world, port, out):
     results = {name: step(net, model, name, slice(rank * share, (rank + 1) * share), env) for name in METHODS}
     if rank == 0:
         torch.save(results, out)
-    # An orderly shutdown: gloo aborted a process now and then (SIGABRT, "terminate called
-    # without an active exception") when one rank tore down while the other still had the
-    # DDP reducer and the connections open. Drop DDP first, meet, then close together.
     del net
     dist.barrier()
     dist.destroy_process_group()
+    # About one run in 50, PyTorch's own C++ teardown at interpreter exit aborts the process
+    # ("terminate called without an active exception", after everything above has finished).
+    # Leave without that teardown, so the test reports only what it checks.
+    os._exit(0)
 
 
 def free_port():
