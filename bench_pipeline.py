@@ -54,7 +54,7 @@ def last_img_per_s(run_path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH))
+    p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH), choices=list(PAPER_BATCH))
     p.add_argument("--dataset", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "ucmerced"))
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--max-images", type=int, default=1024)
