@@ -7,16 +7,19 @@ Runs each script's real `main()` twice, in this process, with the same arguments
      losses, backward and optimiser step remain (the model's own cost).
 The ratio of the two img/s (last epoch of each, warm-up excluded) is the pipeline efficiency.
 
-    python bench_pipeline.py --image-size 64 --max-images 1024 --epochs 2
-    python bench_pipeline.py --methods vtcc --image-size 224 --device cuda   (bf16 by default on CUDA)
+    python benchmarks/bench_pipeline.py --data-root DATA --image-size 64 --max-images 1024 --epochs 2
+    python benchmarks/bench_pipeline.py --data-root DATA --methods vtcc --image-size 224 --device cuda   (bf16 by default on CUDA)
 """
 import argparse
+import sys
 import importlib
 import json
 import tempfile
 from pathlib import Path
 
-import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: data.py and the scripts
+import data  # noqa: E402
 
 PAPER_BATCH = {"cc": 256, "vtcc": 128, "vitic": 256, "pici": 96, "dcsc": 256}
 REAL_BATCHES, REAL_VIEWS = data.batches, data.Augmentation.views
@@ -55,7 +58,7 @@ def last_img_per_s(run_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH), choices=list(PAPER_BATCH))
-    p.add_argument("--dataset", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "ucmerced"))
+    p.add_argument("--dataset", default="ucmerced", help="dataset name (in --data-root) or image folder")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--max-images", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=2)

@@ -236,15 +236,15 @@ def test_kmeans_evaluation_without_the_cluster_loss():
 
 
 # --- end to end --------------------------------------------------------------------------------
-def test_end_to_end_resumes_exactly(tmp_path, shared_data):
-    final = check_resume("dcsc.py", tmp_path, shared_data, "--batch-size", 64)
+def test_end_to_end_resumes_exactly(tmp_path, image_folder):
+    final = check_resume("dcsc.py", tmp_path, image_folder, "--batch-size", 64)
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert all(r["loss_flc"] > 0 and r["loss_clc"] > 0 and r["loss_slc"] > 0 for r in log)
     assert log[0]["nmi"] is not None and final["epochs"] == 2
 
 
-def test_ablation_clc_uses_kmeans(tmp_path, shared_data):
-    out = run_script("dcsc.py", "--dataset", shared_data / "ucmerced", "--max-images", 64, "--image-size", 32, "--batch-size", 32,
+def test_ablation_clc_uses_kmeans(tmp_path, image_folder):
+    out = run_script("dcsc.py", "--dataset", image_folder, "--max-images", 64, "--image-size", 32, "--batch-size", 32,
                      "--epochs", 1, "--ablate", "clc", "--run-name", "a", out_dir=tmp_path, data_root=tmp_path / "data")
     assert "DCSC w/o clc" in out and "final: NMI" in out
     record = json.loads((tmp_path / "a" / "log.jsonl").read_text())

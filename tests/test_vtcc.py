@@ -153,8 +153,8 @@ def test_other_image_sizes_fail_clearly():
         vtcc.Network(4, image_size=32)(torch.randn(2, 3, 64, 64))
 
 
-def test_end_to_end_and_exact_resume(tmp_path, shared_data):
-    final = check_resume("vtcc.py", tmp_path, shared_data, "--batch-size", 64)
+def test_end_to_end_and_exact_resume(tmp_path, image_folder):
+    final = check_resume("vtcc.py", tmp_path, image_folder, "--batch-size", 64)
     args = json.loads((tmp_path / "full" / "args.json").read_text())
     assert args["heads"] == "both" and args["vit"] == "small" and args["stem"] == "conv"
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
@@ -162,10 +162,10 @@ def test_end_to_end_and_exact_resume(tmp_path, shared_data):
     assert final["epochs"] == 2
 
 
-def test_instance_projector_only(tmp_path, shared_data):
+def test_instance_projector_only(tmp_path, image_folder):
     """Table VII's instance-only run clusters by k-means on the instance features; a resume with
     another projector set is refused in one line, not a state-dict dump."""
-    args = ["--dataset", shared_data / "ucmerced", "--max-images", 256, "--image-size", 32, "--batch-size", 64,
+    args = ["--dataset", image_folder, "--max-images", 256, "--image-size", 32, "--batch-size", 64,
             "--vit", "tiny", "--stem", "patchify", "--run-name", "inst"]
     out = run_script("vtcc.py", *args, "--heads", "instance", "--epochs", 1, out_dir=tmp_path, data_root=tmp_path / "data")
     assert "final: NMI" in out

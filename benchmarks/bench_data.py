@@ -1,21 +1,25 @@
 """Benchmark data.py's batched augmentation against the model step it feeds and against torchvision's PIL pipeline.
 
-    python bench_data.py --size 64 --batch 256          # CC views vs ResNet34 forward+backward on them
-    python bench_data.py --size 64 --batch 256 --pil    # also PIL transforms in a DataLoader at 224 px
+    python benchmarks/bench_data.py --size 64 --batch 256 --data-root DATA          # CC views vs ResNet34 forward+backward on them
+    python benchmarks/bench_data.py --size 64 --batch 256 --data-root DATA --pil    # also PIL transforms in a DataLoader at 224 px
 
-The goal is augmentation time < 10% of the model's. Images: the shared UC Merced copy when present
+The goal is augmentation time < 10% of the model's. Images: --dataset (UC Merced in --data-root) when present
 (else random pixels). Runs on CUDA when present.
 """
 
 import argparse
 import os
+import sys
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
-import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: data.py and the scripts
+import data  # noqa: E402
 
 
 def timed(fn, device, repeat):
@@ -71,9 +75,8 @@ def main():
     p.add_argument("--size", type=int, default=64, help="image size of the views")
     p.add_argument("--batch", type=int, default=256, help="images per batch (two views each)")
     p.add_argument("--recipe", default="cc", help="augmentation recipe: cc, vtcc, vitic or pici")
-    p.add_argument("--dataset", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                     "data", "ucmerced"), help="image folder for real pixels")
-    p.add_argument("--data-root", default="./data", help="where the decoded-image cache goes")
+    p.add_argument("--dataset", default="ucmerced", help="dataset name or image folder for real pixels (random pixels when absent)")
+    p.add_argument("--data-root", default="./data", help="where named datasets live and the decoded-image cache goes")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--pil", action="store_true", help="also time torchvision's PIL transforms in a DataLoader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for --pil")
@@ -86,7 +89,7 @@ def main():
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, recipe {args.recipe}")
 
     def images(size, n):
-        if os.path.isdir(args.dataset):
+        if os.path.isdir(args.dataset) or os.path.isdir(os.path.join(args.data_root, args.dataset)):
             return data.load_dataset(args.dataset, root=args.data_root, image_size=size, max_images=n).images
         return torch.randint(0, 256, (n, 3, round(size * 256 / 224), round(size * 256 / 224)), dtype=torch.uint8)
 
@@ -115,8 +118,9 @@ def main():
         t224, _ = timed(lambda: aug224.views(x224, g), device, args.repeat)
         print(f"batched cc views at 224 px    {args.batch / t224:.0f} images/s "
               f"(two views each, from a {x224.shape[-1]} px cache)")
-        if os.path.isdir(args.dataset):
-            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.dataset) for f in fs)
+        folder = args.dataset if os.path.isdir(args.dataset) else os.path.join(args.data_root, args.dataset)
+        if os.path.isdir(folder):
+            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
             files = files[::max(1, len(files) // args.pil_images)][:args.pil_images]  # spread over the classes
             print(f"PIL cc views at 224 px        {pil_images_per_s(files, args):.0f} images/s "
                   f"(two views each, DataLoader with {args.workers} workers, JPEG decoded each time)")

@@ -196,12 +196,12 @@ def test_stage_lengths(epochs, pisd, expected):
 # ---------------------------------------------------------------------------------------------
 # end to end (CPU)
 # ---------------------------------------------------------------------------------------------
-def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_of_boosting(tmp_path, shared_data):
+def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_of_boosting(tmp_path, image_folder):
     """conftest.check_resume's comparison, stopping inside a stage rather than after epoch 1: stages
     1 + 1 + 2, one run straight through, one stopped after the first boosting epoch and resumed (the
     pseudo-labels of the last epoch are then computed from restored weights). Three processes
     instead of check_resume's three plus another three for the mid-stage case: CPU time."""
-    common_args = ["--dataset", shared_data / "ucmerced", "--max-images", 64, "--image-size", 32, "--eval-every", 1, "--save-every", 1,
+    common_args = ["--dataset", image_folder, "--max-images", 64, "--image-size", 32, "--eval-every", 1, "--save-every", 1,
                    "--batch-size", 32, "--pretrain-epochs", 1, "--train-epochs", 1, "--boost-epochs", 2]  # 64 images: CPU time
     run = lambda name, *extra: run_script("pici.py", *common_args, "--run-name", name, *extra, out_dir=tmp_path, data_root=tmp_path / "data")
     full = run("full")
@@ -223,8 +223,8 @@ def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_o
     assert all(0 <= r["cli_agreement"] <= 1 for r in log[2:])
 
 
-def test_one_head_ablation_clusters_by_kmeans(tmp_path, shared_data):
-    out = run_script("pici.py", "--dataset", shared_data / "ucmerced", "--max-images", 128, "--image-size", 32, "--batch-size", 64,
+def test_one_head_ablation_clusters_by_kmeans(tmp_path, image_folder):
+    out = run_script("pici.py", "--dataset", image_folder, "--max-images", 128, "--image-size", 32, "--batch-size", 64,
                      "--epochs", 1, "--ablate", "pisd,cli", "--heads", "instance", "--run-name", "t7", out_dir=tmp_path, data_root=tmp_path / "data")
     assert "stage pretrain: skipped (0 epochs)" in out and "final: NMI" in out
     log = json.loads((tmp_path / "t7" / "log.jsonl").read_text())

@@ -1,34 +1,36 @@
 """Tests for data.py: augmentation ops against torchvision, parameter sampling, dataset loading and caching.
 
-Run: python -m pytest -q test_data.py   (CPU, small images; the shared images in ../shared/data or $SHARED_DATA)
+Run: python -m pytest -q tests/test_data.py   (CPU, small images drawn at run time or bundled with scikit-learn)
 """
 
 import os
 import pickle
-import shutil
 import urllib.error
+
+import numpy as np
 
 import pytest
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
+from sklearn.datasets import load_sample_images
 
 import data
 
-from conftest import SHARED_DATA
-
-SHARED = str(SHARED_DATA or "shared-data-not-found")
-UCM = os.path.join(SHARED, "ucmerced")
-needs_shared = pytest.mark.usefixtures("shared_data")  # fails, naming SHARED_DATA, when the images are missing
+from conftest import CLASSES, draw_image, make_image_folder
 
 
 def real_batch(n=6, size=48):
-    """n real aerial images (uint8, n x 3 x size x size) from the shared UC Merced copy."""
-    if not os.path.isdir(UCM):
-        return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    paths = [os.path.join(UCM, c, f) for c, k in (("airplane", n // 2), ("beach", n - n // 2))
-             for f in sorted(os.listdir(os.path.join(UCM, c)))[:k]]
-    return torch.stack([torch.from_numpy(data._decode(p, size).copy()).permute(2, 0, 1) for p in paths])
+    """n real photographs (uint8, n x 3 x size x size): square crops of scikit-learn's two bundled
+    sample images (a temple and a flower, 427x640), at different places and scales."""
+    photos = [torch.from_numpy(im.copy()).permute(2, 0, 1) for im in load_sample_images().images]
+    out = []
+    for i in range(n):
+        photo = photos[i % 2]
+        side = 160 + 40 * (i // 2)
+        top, left = 20 * i, 30 * i
+        out.append(TF.resize(photo[:, top:top + side, left:left + side], [size, size], antialias=True))
+    return torch.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -267,38 +269,41 @@ def test_balanced_subset():
     assert len(data.balanced_subset(None, 7, seed=1, total=20)) == 7
 
 
-@needs_shared
-def test_ucmerced_all(tmp_path):
-    ds = data.load_dataset(UCM, root=str(tmp_path), storage_size=32)
-    assert ds.images.shape == (2100, 3, 32, 32) and ds.num_classes == 21 and ds.name == "ucmerced"
-    assert ds.labels.bincount().tolist() == [100] * 21
-    assert ds.classes[0] == "agricultural" and ds.files[0] == os.path.join("agricultural", "agricultural00.jpg")
-    assert ds.images.float().std() > 20  # real pictures, not blanks
+def test_class_folders_all(tmp_path):
+    folder = make_image_folder(tmp_path / "shapes", classes=8, per_class=12, size=(48, 40))
+    ds = data.load_dataset(str(folder), root=str(tmp_path), storage_size=32)
+    assert ds.images.shape == (96, 3, 32, 32) and ds.num_classes == 8 and ds.name == "shapes"
+    assert ds.labels.bincount().tolist() == [12] * 8
+    assert ds.classes[0] == "blue-square" and ds.files[0] == os.path.join("blue-square", "blue-square000.jpg")
+    assert ds.images.float().std() > 20  # drawn pictures, not blanks
 
 
-@needs_shared
-def test_ucmerced_default_size_subset(tmp_path):
-    ds = data.load_dataset(UCM, root=str(tmp_path), image_size=224, max_images=42)
-    assert ds.images.shape == (42, 3, 256, 256) and ds.labels.bincount().tolist() == [2] * 21
+def test_default_size_subset(tmp_path):
+    folder = make_image_folder(tmp_path / "big", classes=8, per_class=4, size=(256, 256), ext=".png")
+    ds = data.load_dataset(str(folder), root=str(tmp_path), image_size=224, max_images=16)
+    assert ds.images.shape == (16, 3, 256, 256) and ds.labels.bincount().tolist() == [2] * 8
 
 
-@needs_shared
-def test_ucmerced_tif_and_dtd(tmp_path):
-    ds = data.load_dataset(os.path.join(SHARED, "ucmerced_tif"), root=str(tmp_path), image_size=64)
-    assert ds.images.shape == (21, 3, 73, 73) and ds.num_classes == 21 and ds.files[0].endswith(".tif")
-    ds = data.load_dataset(os.path.join(SHARED, "dtd10"), root=str(tmp_path), image_size=224, max_images=100)
-    assert ds.images.shape == (100, 3, 128, 128)  # native 128 px, smaller than 256: kept
-    assert ds.labels.bincount().tolist() == [10] * 10 and len(ds.classes) == 10
+def test_tiff_and_small_images(tmp_path):
+    folder = make_image_folder(tmp_path / "tif", classes=4, per_class=2, size=(96, 96), ext=".tif")
+    ds = data.load_dataset(str(folder), root=str(tmp_path), image_size=64)
+    assert ds.images.shape == (8, 3, 73, 73) and ds.num_classes == 4 and ds.files[0].endswith(".tif")
+    folder = make_image_folder(tmp_path / "small", classes=4, per_class=5, size=(128, 128))
+    ds = data.load_dataset(str(folder), root=str(tmp_path), image_size=224, max_images=12)
+    assert ds.images.shape == (12, 3, 128, 128)  # native 128 px, smaller than 256: kept
+    assert ds.labels.bincount().tolist() == [3] * 4 and len(ds.classes) == 4
 
 
-def copy_images(dst, n, start=0, cls="beach"):
+def copy_images(dst, n, start=0, cls="beach", size=(64, 64)):
+    """Write n drawn JPEG images of one class into dst (named like the originals: <cls>NN.jpg).
+    `start` offsets the random draw, so two calls give different pictures."""
     os.makedirs(dst, exist_ok=True)
-    src = sorted(os.listdir(os.path.join(UCM, cls)))
-    for f in src[start:start + n]:
-        shutil.copy(os.path.join(UCM, cls, f), dst)
+    name, colour, kind = CLASSES[{"beach": 3, "forest": 1}.get(cls, 0)]
+    rng = np.random.default_rng(1000 * start + len(cls))
+    for i in range(start, start + n):
+        draw_image(kind, colour, size, rng).save(os.path.join(dst, f"{cls}{i:02d}.jpg"))
 
 
-@needs_shared
 def test_rsod_raw_layout(tmp_path):
     root = tmp_path / "data"
     for i, c in enumerate(["aircraft", "oiltank", "overpass", "playground"]):
@@ -312,7 +317,6 @@ def test_rsod_raw_layout(tmp_path):
     assert ds.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
 
 
-@needs_shared
 def test_imagenet_subset(tmp_path):
     train = tmp_path / "imagenet" / "train"
     for w in data.IMAGENET_WNIDS["imagenet10"] + ["n01440764"]:  # one extra class, not in ImageNet-10
@@ -323,7 +327,6 @@ def test_imagenet_subset(tmp_path):
         data.load_dataset("imagenet-dogs", root=str(tmp_path))
 
 
-@needs_shared
 def test_flat_folder_is_unlabelled(tmp_path):
     copy_images(tmp_path / "mine", 5)
     with pytest.raises(data.DataError, match="num-clusters"):
@@ -333,7 +336,6 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert len(data.load_dataset(str(tmp_path / "mine"), root=str(tmp_path), num_clusters=3, max_images=2)) == 2
 
 
-@needs_shared
 def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     folder, root = tmp_path / "two", str(tmp_path / "root")
     copy_images(folder / "a", 4, cls="beach")
@@ -358,7 +360,9 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     copy_images(folder / "b", 1, start=4, cls="forest")  # a new file: rebuild
     assert len(data.load_dataset(str(folder), root=root, image_size=32)) == 9 and len(calls) == 9
     calls.clear()
-    shutil.copy(os.path.join(UCM, "beach", "beach50.jpg"), folder / "a" / "beach00.jpg")  # a changed file: rebuild
+    copy_images(folder / "c", 1, start=50, cls="beach")
+    os.replace(folder / "c" / "beach50.jpg", folder / "a" / "beach00.jpg")  # a changed file: rebuild
+    os.rmdir(folder / "c")
     changed = data.load_dataset(str(folder), root=root, image_size=32)
     assert len(calls) == 9 and not torch.equal(changed.images[0], first.images[0])
     calls.clear()
@@ -392,14 +396,12 @@ def test_missing_and_empty_folders(tmp_path):
         data.load_dataset("digits", num_clusters=1)
 
 
-@needs_shared
 def test_single_class(tmp_path):
     copy_images(tmp_path / "one" / "beach", 3)
     with pytest.raises(data.DataError, match="1 class folder"):
         data.load_dataset(str(tmp_path / "one"), root=str(tmp_path), image_size=32)
 
 
-@needs_shared
 def test_unreadable_images(tmp_path):
     folder = tmp_path / "some_bad"
     copy_images(folder / "a", 100, cls="beach")

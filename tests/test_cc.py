@@ -94,8 +94,8 @@ def test_parameter_counts():
     assert z.shape == (2, 128) and p.shape == (2, 3) and torch.allclose(p.sum(1), torch.ones(2))
 
 
-def test_end_to_end_and_exact_resume(tmp_path, shared_data):
-    check_resume("cc.py", tmp_path, shared_data, "--batch-size", 64)
+def test_end_to_end_and_exact_resume(tmp_path, image_folder):
+    check_resume("cc.py", tmp_path, image_folder, "--batch-size", 64)
 
 
 @pytest.mark.parametrize("bad", [["--batch-size", "1"], ["--num-clusters", "1"], ["--device", "tpu"], ["--dataset", "nope"]])

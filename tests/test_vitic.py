@@ -122,6 +122,6 @@ def test_bad_arguments_exit_2(tmp_path, capsys, flags, words):
     assert len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())  # one line, before any work
 
 
-def test_end_to_end_resumes_exactly(tmp_path, shared_data):
-    final = check_resume("vitic.py", tmp_path, shared_data, "--batch-size", 64)
+def test_end_to_end_resumes_exactly(tmp_path, image_folder):
+    final = check_resume("vitic.py", tmp_path, image_folder, "--batch-size", 64)
     assert final["epochs"] == 2
