@@ -1,8 +1,7 @@
-"""PICI: each loss against a loop transcription of its equation, pseudo-labelling, parameter counts,
-the stage schedule, and end-to-end runs through all three stages with exact resume."""
+"""pici.py beyond its losses (those are in test_losses.py): pseudo-labelling, parameter counts, the
+stage schedule, and end-to-end runs through all three stages with exact resume."""
 import itertools
 import json
-import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,115 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import pici
 from conftest import ROOT, check_run_files, run_script
-
-
-# ---------------------------------------------------------------------------------------------
-# losses
-# ---------------------------------------------------------------------------------------------
-def loop_reconstruction(pred, target, mask, eps=1e-6):
-    """Eq. (1), one view, MAE's norm_pix_loss: each masked patch's target standardised by its own
-    mean and (unbiased) variance, squared error averaged over its pixels, then over masked patches."""
-    total, count = 0.0, 0
-    B, L, P = pred.shape
-    for b in range(B):
-        for l in range(L):
-            if mask[b, l] == 0:
-                continue
-            t = target[b, l].tolist()
-            mean = sum(t) / P
-            var = sum((v - mean) ** 2 for v in t) / (P - 1)
-            total += sum((pred[b, l, k].item() - (t[k] - mean) / math.sqrt(var + eps)) ** 2 for k in range(P)) / P
-            count += 1
-    return total / count
-
-
-@pytest.mark.parametrize("B,L,P", [(2, 4, 12), (3, 9, 6)])
-def test_reconstruction_loss_matches_loop_and_ignores_visible_patches(B, L, P):
-    g = torch.Generator().manual_seed(B * L)
-    pred, target = torch.randn(B, L, P, generator=g, dtype=torch.float64), 3 * torch.rand(B, L, P, generator=g, dtype=torch.float64) + 1
-    mask = torch.zeros(B, L)
-    for b in range(B):
-        mask[b, torch.randperm(L, generator=g)[: L // 2]] = 1
-    loss = pici.reconstruction_loss(pred, target, mask)
-    assert loss.item() == pytest.approx(loop_reconstruction(pred, target, mask), rel=1e-5)
-    visible = (mask == 0)[..., None]
-    changed = pici.reconstruction_loss(pred + 5 * visible, target * torch.where(visible, 3.0, 1.0), mask)
-    assert changed.item() == pytest.approx(loss.item(), rel=1e-9)  # visible patches do not count
-    assert pici.reconstruction_loss(pred + 0.1 * (1 - visible.double()), target, mask).item() != pytest.approx(loss.item())
-
-
-def loop_nt_xent(a, b, temperature):
-    """Eq. (5)-(6) (and Eq. 8 on columns): for each of the 2N rows, -log of exp(sim to its other view)
-    over the sum of exp(sim) to every other row (self excluded, SPEC §1); mean over the 2N rows."""
-    rows = [F.normalize(r, dim=0) for r in list(a) + list(b)]
-    n, total = len(a), 0.0
-    for i, r in enumerate(rows):
-        positive = (i + n) % (2 * n)
-        sims = [math.exp((r @ rows[j]).item() / temperature) for j in range(2 * n) if j != i]
-        total += -math.log(math.exp((r @ rows[positive]).item() / temperature) / sum(sims))
-    return total / (2 * n)
-
-
-@pytest.mark.parametrize("n,d,t", [(4, 3, 0.5), (7, 5, 1.0), (3, 8, 0.2)])
-def test_instance_loss_matches_loop(n, d, t):
-    g = torch.Generator().manual_seed(n)
-    z_a, z_b = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
-    assert pici.instance_loss(z_a, z_b, t).item() == pytest.approx(loop_nt_xent(z_a, z_b, t), rel=1e-5)
-
-
-def loop_cluster(p_a, p_b, temperature):
-    """Eq. (8), (9)-(11): NT-Xent over the 2K columns plus log K - H(P) per view, P = column sums / N."""
-    contrastive = loop_nt_xent(p_a.T, p_b.T, temperature)
-    entropy = 0.0
-    for p in (p_a, p_b):
-        n, k = p.shape
-        for j in range(k):
-            share = sum(p[i, j].item() for i in range(n)) / n
-            entropy += share * math.log(share)
-        entropy += math.log(k)
-    return contrastive + entropy
-
-
-@pytest.mark.parametrize("n,k,t", [(5, 3, 1.0), (8, 4, 0.5), (6, 6, 2.0)])
-def test_cluster_loss_matches_loop(n, k, t):
-    g = torch.Generator().manual_seed(k)
-    p_a = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
-    p_b = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
-    assert pici.cluster_loss(p_a, p_b, t).item() == pytest.approx(loop_cluster(p_a, p_b, t), rel=1e-5)
-
-
-def test_cluster_loss_finite_gradient_with_an_empty_cluster():
-    logits = torch.randn(6, 4, requires_grad=True)
-    p = torch.cat([logits.softmax(1)[:, :3], torch.zeros(6, 1)], dim=1)  # cluster 3 gets no mass at all
-    loss = pici.cluster_loss(p, p.flip(0), 1.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
-
-
-@pytest.mark.parametrize("n,k", [(4, 3), (9, 5)])
-def test_cli_loss_is_cross_entropy_of_probabilities(n, k):
-    g = torch.Generator().manual_seed(n)
-    p_a = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
-    p_b = torch.randn(n, k, generator=g, dtype=torch.float64).softmax(1)
-    targets = torch.randint(k, (n,), generator=g)
-    loop = 0.5 * sum(-sum(math.log(p[i, targets[i]].item()) for i in range(n)) / n for p in (p_a, p_b))  # Eq. (15)
-    loss = pici.cli_loss(p_a, p_b, targets)
-    assert loss.item() == pytest.approx(loop, rel=1e-6)
-    nll = (F.nll_loss(p_a.log(), targets) + F.nll_loss(p_b.log(), targets)) / 2
-    assert loss.item() == pytest.approx(nll.item(), rel=1e-6)
-    second_softmax = (F.cross_entropy(p_a, targets) + F.cross_entropy(p_b, targets)) / 2
-    assert loss.item() != pytest.approx(second_softmax.item(), rel=1e-3)  # the log is of p itself
-
-
-def test_cli_loss_finite_gradient_at_zero_probability():
-    logits = torch.randn(5, 3, requires_grad=True)
-    p = torch.cat([logits.softmax(1)[:, :2], torch.zeros(5, 1)], dim=1)
-    loss = pici.cli_loss(p, p, torch.tensor([2, 0, 1, 2, 0]))
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------

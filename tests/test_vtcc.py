@@ -1,7 +1,6 @@
-"""Tests of vtcc.py: each loss against a loop transcription of the VTCC paper's equations, the
-network's sizes (Tables V-VII), and end-to-end runs on the CPU (files, exact resume, bad input)."""
+"""vtcc.py beyond its losses (those are in test_losses.py): the network's sizes (Tables V-VII) and
+end-to-end runs on the CPU (files, exact resume, bad input)."""
 import json
-import math
 import subprocess
 import sys
 
@@ -10,96 +9,6 @@ import torch
 
 import vtcc
 from conftest import ROOT, check_resume, check_run_files, run_script
-
-
-def cos(u, v):
-    """Eq. (1); a zero vector (an empty cluster column) has similarity 0 to everything, as with
-    F.normalize's eps."""
-    return (u @ v) / (max(u.norm(), 1e-12) * max(v.norm(), 1e-12))
-
-
-def nt_xent_loop(a, b, tau):
-    """Eq. (2)-(5) (and (6)-(9) on cluster columns) for lists of vectors a[i], b[i], i = 1..n.
-
-    Denominator: the other n-1 vectors of the own view and all n of the other view, the positive
-    included (SPEC §1, as CC; the paper's printed j != i would drop it)."""
-    n, total = len(a), 0.0
-    for i in range(n):
-        for own, other in ((a, b), (b, a)):
-            num = math.exp(cos(own[i], other[i]) / tau)
-            den = sum(math.exp(cos(own[i], own[j]) / tau) for j in range(n) if j != i)
-            den += sum(math.exp(cos(own[i], other[j]) / tau) for j in range(n))
-            total += -math.log(num / den)
-    return total / (2 * n)
-
-
-def cluster_loop(p_a, p_b, tau):
-    """Eq. (6)-(11): NT-Xent over the K columns, plus log K - Entropy(p(Y)) per view."""
-    n, k = p_a.shape
-    loss = nt_xent_loop([p_a[:, i] for i in range(k)], [p_b[:, i] for i in range(k)], tau)
-    for y in (p_a, p_b):
-        total = sum(float(y[j, i]) for j in range(n) for i in range(k))
-        share = [sum(float(y[j, i]) for j in range(n)) / total for i in range(k)]  # Eq. (11), over ||Y||_1
-        loss += math.log(k) + sum(s * math.log(s) for s in share if s > 0)  # - Entropy, Eq. (10)
-    return loss
-
-
-@pytest.mark.parametrize("n,d,tau", [(2, 3, 0.5), (5, 8, 0.1), (16, 4, 1.0), (7, 128, 0.5)])
-def test_instance_loss_matches_loop(n, d, tau):
-    g = torch.Generator().manual_seed(n * d)
-    z_a, z_b = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
-    expected = nt_xent_loop(list(z_a), list(z_b), tau)
-    assert vtcc.instance_loss(z_a, z_b, tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
-
-
-@pytest.mark.parametrize("n,k,tau", [(4, 2, 1.0), (8, 3, 0.5), (16, 10, 1.0), (5, 21, 0.2)])
-def test_cluster_loss_matches_loop(n, k, tau):
-    g = torch.Generator().manual_seed(n * k)
-    p_a = torch.softmax(2 * torch.randn(n, k, generator=g), dim=1)
-    p_b = torch.softmax(2 * torch.randn(n, k, generator=g), dim=1)
-    expected = cluster_loop(p_a.double(), p_b.double(), tau)
-    assert vtcc.cluster_loss(p_a, p_b, tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
-
-
-def test_losses_invariances():
-    g = torch.Generator().manual_seed(0)
-    z_a, z_b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    perm, scale = torch.randperm(6, generator=g), torch.rand(6, 1, generator=g) + 0.1
-    ref = vtcc.instance_loss(z_a, z_b, 0.5)
-    torch.testing.assert_close(vtcc.instance_loss(z_a * scale, z_b, 0.5), ref)  # cosine: row scale is irrelevant
-    torch.testing.assert_close(vtcc.instance_loss(z_a[perm], z_b[perm], 0.5), ref)  # sample order
-    torch.testing.assert_close(vtcc.instance_loss(z_b, z_a, 0.5), ref)  # the two views play the same role
-    p_a, p_b = torch.softmax(torch.randn(6, 4, generator=g), 1), torch.softmax(torch.randn(6, 4, generator=g), 1)
-    ref = vtcc.cluster_loss(p_a, p_b, 1.0)
-    cols = torch.tensor([2, 0, 3, 1])
-    torch.testing.assert_close(vtcc.cluster_loss(p_a[:, cols], p_b[:, cols], 1.0), ref)  # cluster ids are arbitrary
-    torch.testing.assert_close(vtcc.cluster_loss(p_a[perm], p_b[perm], 1.0), ref)
-    # the entropy term is 0 for a uniform batch share and positive otherwise: it fights collapse
-    uniform = torch.eye(4).repeat(2, 1)
-    collapsed = torch.zeros(8, 4).index_fill_(1, torch.tensor([0]), 1.0)
-    contrastive = lambda p: vtcc.instance_loss(p.T, p.T, 1.0)
-    assert (vtcc.cluster_loss(uniform, uniform, 1.0) - contrastive(uniform)).abs() < 1e-6
-    assert vtcc.cluster_loss(collapsed, collapsed, 1.0) - contrastive(collapsed) == pytest.approx(2 * math.log(4), rel=1e-5)
-
-
-def test_cluster_loss_finite_with_empty_cluster():
-    g = torch.Generator().manual_seed(1)
-    p = torch.softmax(torch.randn(8, 5, generator=g), 1)
-    p[:, 0] = 0  # no sample gives cluster 0 any mass
-    p = (p / p.sum(1, keepdim=True)).requires_grad_()
-    q = torch.softmax(torch.randn(8, 5, generator=g), 1).requires_grad_()
-    loss = vtcc.cluster_loss(p, q, 1.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
-    assert loss.item() == pytest.approx(cluster_loop(p.detach().double(), q.detach().double(), 1.0), rel=1e-5)
-    # through the softmax, with a column that underflows to exactly 0 in fp32
-    logits = torch.randn(8, 5, generator=g)
-    logits[:, 3] = -500
-    logits.requires_grad_()
-    probs = torch.softmax(logits, 1)
-    assert (probs[:, 3] == 0).all()
-    vtcc.cluster_loss(probs, probs.flip(0), 1.0).backward()
-    assert torch.isfinite(logits.grad).all()
 
 
 def count(module):
