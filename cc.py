@@ -74,7 +74,7 @@ def instance_loss(z_a, z_b, temperature):
     """NT-Xent over the 2N augmented samples (CC paper, Sec. 3.2, Eq. 1-3).
 
     Each row's positive is its other view; the denominator holds the other 2N-1 rows (self
-    excluded, SPEC §1: the authors confirmed the exclusion)."""
+    excluded, as the authors' code does and the CC authors confirmed)."""
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -88,7 +88,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
     2K columns (Eq. 4-5), plus log K - H(P) per view, where P is the batch's share of each cluster.
     The paper writes "- H(Y)" with H defined as sum P log P; minimising log K - H maximises the
-    entropy, as the authors' code does (SPEC §1). The clamp keeps value and gradient finite when a
+    entropy, as the authors' code does. The clamp keeps value and gradient finite when a
     cluster gets no mass."""
     p_a, p_b = p_a.float(), p_b.float()
     contrastive = instance_loss(p_a.T, p_b.T, temperature)  # Eq. (4)-(5): same NT-Xent, on columns
@@ -100,7 +100,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
 
 
 def evaluate(model, images, aug, env):
-    """Cluster = argmax of the cluster head on the deterministic eval view (SPEC §1)."""
+    """Cluster = argmax of the cluster head on the deterministic eval view: the whole image resized."""
     model.eval()
     out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
     model.train()
@@ -114,7 +114,7 @@ def main(argv=None):
     run_path = common.run_dir(args, "cc")
     logger = common.Logger(run_path, env)
     ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
-    s, blur = data.cc_strength(ds.name)  # colour strength s and blur per dataset (CC paper, Sec. 4.2; SPEC §2)
+    s, blur = data.cc_strength(ds.name)  # colour strength s and blur per dataset (CC paper, Sec. 4.2: s = 0.5 on CIFAR and Tiny-ImageNet, no blur on small images)
     aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
     unlabeled = ds.unlabeled  # None but for STL-10
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim), env,
@@ -154,7 +154,7 @@ def main(argv=None):
                                     device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
-                    z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
                 z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
                 loss_instance = instance_loss(z_a, z_b, args.instance_temperature)

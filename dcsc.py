@@ -40,9 +40,9 @@ class Args:
     cr_weight: float = arg(1.0, "lambda, the weight of the clustering regulariser in Eq. (3.7): DCSC paper, Sec. 4.2")
     feature_dim: int = arg(128, "instance head (Fproj) output size: DCSC paper, Sec. 4.2")
     overcluster: int = arg(None, "K_s, the semantic head's number of over-clusters (default 70, 700 for tiny-imagenet): "
-                                 "DCSC paper, Sec. 4.2; SPEC §2", type=int)
+                                 "DCSC paper, Sec. 4.2", type=int)
     slc_similarity: str = arg("cosine", "s(p, q) in Eq. (3.4): cosine similarity, or js = minus the Jensen-Shannon "
-                                        "divergence (the paper's alternative, Sec. 3.1); SPEC §2", choices=["cosine", "js"])
+                                        "divergence (the paper's alternative, Sec. 3.1)", choices=["cosine", "js"])
     ablate: str = arg(None, "remove one part, as the rows of DCSC Tables 2-4: flc, clc (with CR; k-means on Fproj's "
                             "features gives the clusters, Sec. 4.4.1), slc, predictor (Spred), bn (BN in every head)",
                       type=str, choices=["flc", "clc", "slc", "predictor", "bn"])
@@ -97,7 +97,7 @@ def flc_loss(z_a, z_b, temperature):
     """Feature-level contrastive loss: NT-Xent over the 2N augmented samples (DCSC paper, Eq. 3.1-3.2).
 
     Each row's positive is its other view. Eq. (3.1) as printed sums j over all N, the row itself
-    included; the denominator here holds the other 2N-1 rows (self excluded, SPEC §1, as CC)."""
+    included; the denominator here holds the other 2N-1 rows (self excluded, as in CC, whose code DCSC builds on)."""
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): s = cosine similarity
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -109,7 +109,7 @@ def clc_loss(c_a, c_b, temperature):
     """Cluster-level contrastive loss (DCSC paper, Eq. 3.3): the K columns of the (N, K) soft
     assignments are the cluster representations, NT-Xent over the 2K columns, each column's
     denominator its 2K-1 others, mean over the 2K columns (CC's cluster loss without its entropy
-    term, SPEC §2; the print gives the b-column term column j's denominator, a typo)."""
+    term; the print gives the b-column term column j's denominator, a typo)."""
     return flc_loss(c_a.float().T, c_b.float().T, temperature)  # same NT-Xent, on columns
 
 
@@ -124,7 +124,7 @@ def pairwise_similarity(p, q, kind, eps=1e-8):
 
 
 def slc_loss(p_a, q_a, p_b, q_b, temperature, similarity="cosine"):
-    """Semantic-level contrastive loss (DCSC paper, Eq. 3.4-3.5), transcribed literally (SPEC §2).
+    """Semantic-level contrastive loss (DCSC paper, Eq. 3.4-3.5), transcribed literally.
 
     p = the predictor's probabilities, q = the semantic head's, per view. For instance i, view a:
     positive s(p_i^a, q_i^b); denominator sum_j [exp s(p_i^a, q_j^a) + exp s(p_j^a, q_i^b)], j over
@@ -143,7 +143,7 @@ def slc_loss(p_a, q_a, p_b, q_b, temperature, similarity="cosine"):
 def cr_loss(c_a, c_b, eps=1e-8):
     """Clustering regulariser (DCSC paper, Eq. 3.6): per view, log K - H(P), with P the batch's
     share of each cluster. The printed sign would minimise the entropy and favour collapse, against
-    its stated aim; this is the entropy term of CC's cluster loss, which maximises it (SPEC §2). The
+    its stated aim; this is the entropy term of CC's cluster loss, which maximises it. The
     log K constant only keeps the value >= 0; the clamp keeps value and gradient finite at P = 0."""
     loss = 0.0
     for c in (c_a.float(), c_b.float()):
@@ -153,7 +153,7 @@ def cr_loss(c_a, c_b, eps=1e-8):
 
 
 def evaluate(model, images, aug, env, kmeans_clusters=None, seed=1):
-    """Cluster = argmax of the cluster head on the deterministic eval view (SPEC §1); without the
+    """Cluster = argmax of the cluster head on the deterministic eval view (the whole image resized); without the
     cluster-level loss, k-means on the instance head's features (DCSC paper, Sec. 4.4.1)."""
     model.eval()
     head = model.cluster_head if kmeans_clusters is None else model.instance_head
@@ -172,7 +172,7 @@ def main(argv=None):
     run_path = common.run_dir(args, "dcsc")
     logger = common.Logger(run_path, env)
     ds = common.load_data(args, env)
-    s, blur = data.cc_strength(ds.name)  # CC's augmentations (DCSC paper, Sec. 4.2; SPEC §2)
+    s, blur = data.cc_strength(ds.name)  # CC's augmentations (DCSC paper, Sec. 4.2)
     aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
     overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
     use = {part: args.ablate != part for part in ("flc", "clc", "slc")}
@@ -207,7 +207,7 @@ def main(argv=None):
                                     device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
-                    z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls, as CC's code: BatchNorm statistics per view
                     z_b, c_b, p_b, q_b = net(x_b)
                 z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b = common.gather(z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b, env=env)
                 loss_flc = flc_loss(z_a, z_b, args.instance_temperature) if use["flc"] else zero

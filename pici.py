@@ -39,7 +39,7 @@ class Args:
     train_epochs: int = arg(None, "stage 2, L_PISD + L_PICD (Algorithm 1, lines 8-12; paper 800)", type=int)
     boost_epochs: int = arg(None, "stage 3, L_PICD + L_CLI (Algorithm 1, lines 13-17; paper 50)", type=int)
     batch_size: int = arg(96, "global batch size: PICI paper, Sec. 4.1")
-    lr: float = arg(1e-4, "Adam learning rate, one optimiser for all stages, no weight decay or schedule: PICI paper, Sec. 4.1; SPEC §1")
+    lr: float = arg(1e-4, "Adam learning rate, one optimiser for all stages, no weight decay or schedule: PICI paper, Sec. 4.1")
     instance_temperature: float = arg(0.5, "tau_I of the instance loss, Eq. (5): PICI paper, Sec. 4.1")
     cluster_temperature: float = arg(1.0, "tau_C of the cluster loss, Eq. (8): PICI paper, Sec. 4.1")
     feature_dim: int = arg(128, "instance-MLP output size: PICI paper, Sec. 4.1")
@@ -70,7 +70,7 @@ class Args:
 
 
 class Network(nn.Module):
-    """Masked auto-encoder (PICI paper, Sec. 3.2.1, 4.1; SPEC §2): ViT encoder with the 16x16 patchify
+    """Masked auto-encoder (PICI paper, Sec. 3.2.1, 4.1): ViT encoder with the 16x16 patchify
     stem and a learnable position table started from 2-D sin-cos (the paper: learnable; the authors'
     code: fixed sin-cos), MAE decoder; an instance-MLP (to 128, L2-normalised) and a cluster-MLP (to K,
     softmax) read the CLS token of the masked input (Sec. 3.2.2). A head left out (Table 7) is None."""
@@ -98,7 +98,7 @@ class Network(nn.Module):
 def reconstruction_loss(pred, target, mask):
     """l_re of one view (PICI paper, Sec. 3.2.1): MSE between the predicted and true pixels of the
     removed patches only, each target patch normalised by its own mean and variance (MAE's
-    norm_pix_loss; SPEC §2). pred, target (B, L, 16*16*3); mask (B, L), 1 = removed."""
+    norm_pix_loss). pred, target (B, L, 16*16*3); mask (B, L), 1 = removed."""
     return common.masked_patch_mse(pred, target, mask)  # l_re^a or l_re^b of Eq. (1)
 
 
@@ -106,7 +106,7 @@ def instance_loss(z_a, z_b, temperature):
     """Instance-level contrastive loss over the 2N augmented samples (PICI paper, Sec. 3.2.2, Eq. 3-6).
 
     Each row's positive is its other view. The denominator of Eq. (5) as printed also holds the row
-    itself; we follow CC, which PICI cites: only self is excluded (SPEC §1)."""
+    itself; we follow CC, which PICI cites: only self is excluded."""
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (3)-(4)
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -120,7 +120,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
     2K columns (Eq. 7-8, self excluded as above), minus the entropy of the batch's share of each
     cluster, per view (Eq. 9). log K is added per view so the term stays non-negative (the authors'
-    code; SPEC §1). Eq. (10) divides by the column's own L1 norm, which would make every share 1; the
+    code). Eq. (10) divides by the column's own L1 norm, which would make every share 1; the
     share is the column sum over the whole matrix's sum, as in CC. The clamp keeps value and gradient
     finite when a cluster gets no mass."""
     p_a, p_b = p_a.float(), p_b.float()
@@ -254,7 +254,7 @@ def main(argv=None):
             terms = stage_terms[stage]
             parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting
             t0, steps, extra = time.perf_counter(), 0, {}
-            if "cli" in terms:  # pseudo-labels of the whole dataset at the start of each boosting epoch (SPEC §2)
+            if "cli" in terms:  # pseudo-labels of the whole dataset at the start of each boosting epoch (Eq. 12-14)
                 targets = torch.empty(len(ds.images), dtype=torch.long, device=env.device)
                 if env.is_main:
                     out = embed(model, images, aug, env)

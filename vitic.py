@@ -62,7 +62,7 @@ class Network(nn.Module):
     """ViT backbone (conv stem, 8 blocks, width 288, 12 heads, fixed sin-cos positions, CLS token;
     ViT-IC paper, Sec. 3.1 and 4.1), an instance head (3 layers, 1344 hidden, to 128) and a cluster
     head (the same to K, softmax). The instance features are L2-normalised inside instance_loss
-    (cosine similarity, Eq. 1; SPEC §2: the author's code forgot this)."""
+    (cosine similarity, Eq. 1; the author's code omits the normalisation)."""
 
     def __init__(self, num_clusters, image_size=128, feature_dim=128, hidden=1344):
         super().__init__()
@@ -80,10 +80,10 @@ def instance_loss(z_a, z_b, temperature):
 
     Each row's positive is its other view; the denominator holds the other 2N-1 rows. Eq. (2) as
     printed sums over all j, so it also counts the row's similarity with itself; we exclude it, as
-    CC does (SPEC §1: ViT-IC adopts CC's loss and the CC authors confirmed the exclusion)."""
+    CC does (ViT-IC adopts CC's loss, and the CC authors confirmed the exclusion)."""
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
     n = len(z_a)
-    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # dropped from Eq. (2)'s sum: SPEC §1, as CC
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # dropped from Eq. (2)'s sum, as in CC
     sim = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(sim, positive)  # Eq. (2) per row, Eq. (3) mean over the 2N rows
@@ -95,7 +95,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
     2K columns (Eq. 4, self excluded as above), plus log K - H(P) per view, where P is the batch's
     share of each cluster. The paper writes "- H(Y)" with H defined as sum P log P; minimising
-    log K - H maximises the entropy, as the authors' code does (SPEC §1). The clamp keeps value
+    log K - H maximises the entropy, as the authors' code does. The clamp keeps value
     and gradient finite when a cluster gets no mass."""
     p_a, p_b = p_a.float(), p_b.float()
     contrastive = instance_loss(p_a.T, p_b.T, temperature)  # Eq. (4)-(5): same NT-Xent, on columns
@@ -107,7 +107,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
 
 
 def evaluate(model, images, aug, env):
-    """Cluster = argmax of the cluster head on the deterministic eval view (SPEC §1)."""
+    """Cluster = argmax of the cluster head on the deterministic eval view: the whole image resized."""
     model.eval()
     out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
     model.train()
@@ -122,7 +122,7 @@ def main(argv=None):
     run_path = common.run_dir(args, "vitic")
     logger = common.Logger(run_path, env)
     ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
-    aug = data.Augmentation("vitic", args.image_size)  # SimCLR-like views, ImageNet normalisation (Sec. 3.2; SPEC §2)
+    aug = data.Augmentation("vitic", args.image_size)  # SimCLR-like views, ImageNet normalisation (Sec. 3.2; strengths from the author's code)
     unlabeled = ds.unlabeled  # None but for STL-10
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), env,
                                 channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
@@ -161,7 +161,7 @@ def main(argv=None):
                                     device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
-                    z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_a, p_a = net(x_a)  # two backbone calls, as the author's code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
                 z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
                 loss_instance = instance_loss(z_a, z_b, args.instance_temperature)

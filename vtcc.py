@@ -32,10 +32,10 @@ class Args:
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
     epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
     batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
-    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: VTCC paper, Sec. III-A; SPEC §1")
-    instance_temperature: float = arg(0.5, "tau_I, Eq. (3)-(4): the VTCC paper gives no value; CC's (SPEC §2)")
-    cluster_temperature: float = arg(1.0, "tau_C, Eq. (7)-(8): the VTCC paper gives no value; CC's (SPEC §2)")
-    feature_dim: int = arg(128, "instance projector output size: not given in the VTCC paper; CC's value (SPEC §2)")
+    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: VTCC paper, Sec. III-A")
+    instance_temperature: float = arg(0.5, "tau_I, Eq. (3)-(4): the VTCC paper gives no value; CC's, whose losses VTCC adopts")
+    cluster_temperature: float = arg(1.0, "tau_C, Eq. (7)-(8): the VTCC paper gives no value; CC's, whose losses VTCC adopts")
+    feature_dim: int = arg(128, "instance projector output size: not given in the VTCC paper; CC's value")
     vit: str = arg("small", "ViT size: VTCC paper uses ViT-Small, 384 wide, 8 blocks (Sec. III-A); Table VI compares "
                    "tiny (192, 4 blocks), small and base (768, 12 blocks), all 12 heads", choices=list(VITS))
     stem: str = arg("conv", "patch projection: conv stem, VTCC paper, Sec. II-B1; Table V compares the 16x16 patchify stem",
@@ -61,14 +61,14 @@ class Args:
 
 def projector(width, out, hidden=1536):
     """Three-layer MLP as in MoCo v3 (VTCC paper, Sec. III-A): Linear-BN-ReLU twice, then Linear.
-    Hidden width 1536 (SPEC §2), kept for every ViT size as MoCo v3 keeps its own fixed."""
+    Hidden width 1536 (the authors' network), kept for every ViT size as MoCo v3 keeps its own fixed."""
     return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
 
 
 class Network(nn.Module):
     """ViT backbone with the convolutional stem and fixed 2-D sin-cos positions, giving the CLS token
-    after the final norm (VTCC paper, Sec. II-B, Fig. 1; SPEC §2), an instance projector (to the row
+    after the final norm (VTCC paper, Sec. II-B, Fig. 1), an instance projector (to the row
     space) and a cluster projector (to K, softmax). A projector left out (Table VII) is None."""
 
     def __init__(self, num_clusters, image_size=224, vit="small", stem="conv", feature_dim=128, heads="both"):
@@ -90,7 +90,7 @@ def instance_loss(z_a, z_b, temperature):
 
     Each row's positive is its other view. Eq. (3)-(4) as printed sum over j != i in both terms,
     which would also drop the positive from the denominator; we follow CC, the paper they cite:
-    only self is excluded (SPEC §1)."""
+    only self is excluded."""
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -103,7 +103,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
 
     The K columns of the (N, K) soft assignments are the cluster representations: NT-Xent over the
     2K columns (Eq. 6-8), minus the entropy of the batch's share of each cluster, per view (Eq. 9-10).
-    log K is added per view so the term stays non-negative (the authors' code; SPEC §1). Eq. (11)
+    log K is added per view so the term stays non-negative (the authors' code). Eq. (11)
     divides by the column's own L1 norm, which would make every share 1; the share is the column sum
     over the whole matrix's sum, as in CC. The clamp keeps value and gradient finite when a cluster
     gets no mass."""
@@ -117,7 +117,7 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
 
 
 def evaluate(model, images, aug, env, num_clusters, seed):
-    """Cluster = argmax of the cluster projector on the deterministic eval view (SPEC §1); without a
+    """Cluster = argmax of the cluster projector on the deterministic eval view (the whole image resized); without a
     cluster projector, k-means on the instance projector's features (VTCC paper, Sec. III-D3)."""
     model.eval()
     if model.cluster_head is None:
@@ -138,7 +138,7 @@ def main(argv=None):
     run_path = common.run_dir(args, "vtcc")
     logger = common.Logger(run_path, env)
     ds = common.load_data(args, env)
-    aug = data.Augmentation("vtcc", args.image_size)  # BYOL's asymmetric views, ImageNet normalisation (Sec. III-A; SPEC §2)
+    aug = data.Augmentation("vtcc", args.image_size)  # BYOL's asymmetric views, ImageNet normalisation (Sec. III-A)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.stem, args.feature_dim, args.heads),
                                 env, channels_last=True, compile=args.compile)
     optimizer = common.adam(model.parameters(), args.lr, env)
@@ -170,7 +170,7 @@ def main(argv=None):
                                     device=env.device):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
-                    z_a, p_a = net(x_a)  # two backbone calls: BatchNorm statistics per view (SPEC §1)
+                    z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
                 losses = []
                 if "instance" in terms:

@@ -110,7 +110,7 @@ def test_gaussian_blur(x, kernel):
 
 
 def test_blur_kernel_size():
-    assert data.blur_kernel_size(224) == 23  # SPEC's value at 224 px
+    assert data.blur_kernel_size(224) == 23  # the 23 px kernel of CC's code at 224 px
     assert data.blur_kernel_size(128) == 13 and data.blur_kernel_size(8) == 3  # at least 3 taps
     for size in (32, 64, 96, 128, 224, 256):
         k = data.blur_kernel_size(size)
