@@ -1,6 +1,7 @@
 """Shared test fixtures: image folders drawn at run time, and helpers that run a method script end
 to end on the CPU. The suite reads nothing outside the repository."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,24 @@ def make_image_folder(folder, classes=8, per_class=32, size=(48, 40), ext=".jpg"
         for i in range(per_class):
             draw_image(kind, colour, size, rng).save(where / f"{name}{i:03d}{ext}")
     return folder
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so the fixture below knows whether the test passed."""
+    outcome = yield
+    setattr(item, "report_" + call.when, outcome.get_result())
+
+
+@pytest.fixture
+def tmp_path(tmp_path, request):
+    """pytest's tmp_path, deleted as soon as its test passes: the end-to-end runs write ResNet
+    checkpoints of ~250 MB each, and pytest would keep three sessions of them. A failed test's
+    folder stays for inspection."""
+    yield tmp_path
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.passed:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
