@@ -645,11 +645,12 @@ class Progress:
     line. The loop's loss sums stay on the device and are read only when a line is printed: no
     per-step sync. `clock` is injectable for tests.
     """
+    delay, refresh, every = 2.0, 0.5, 60.0  # seconds
 
-    def __init__(self, epochs, batch_size, logger, clock=time.monotonic, delay=2.0, refresh=0.5, every=60.0):
+    def __init__(self, epochs, batch_size, logger, clock=time.monotonic):
         self.epochs, self.batch_size, self.logger, self.clock = epochs, batch_size, logger, clock
         self.tty = logger.stream.isatty() if hasattr(logger.stream, "isatty") else False
-        self.delay, self.interval = (delay, refresh) if self.tty else (every, every)
+        self.wait, self.interval = (self.delay, self.refresh) if self.tty else (self.every, self.every)
         self.epoch = None
         self.epochs_timed = 0
 
@@ -675,7 +676,7 @@ class Progress:
                 if totals is not None:
                     self.loss_steps += 1
                 now = self.clock()
-                if now - self.start >= self.delay and now - self.last >= self.interval:
+                if now - self.start >= self.wait and now - self.last >= self.interval:
                     self.last = now
                     self.show(self.line(now, totals, weights))
         finally:
@@ -687,14 +688,14 @@ class Progress:
         epoch_left = max(self.steps - self.step, 0) * per_step
         # whole epochs as timed so far (evaluation and checkpoints included), else this one's pace
         per_epoch = (self.start - self.first_start) / self.epochs_timed if self.epochs_timed else per_step * self.steps
-        parts = [f"epoch {self.epoch + 1}/{self.epochs}", f"step {self.step}/{self.steps}"]
+        run_left = epoch_left + (self.epochs - self.epoch - 1) * per_epoch
+        parts = [f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.steps}"]
         if totals is not None and self.loss_steps:
             sums = totals.tolist()  # the one device sync, per printed line
             weights = weights or [1.0] * len(sums)
             parts.append(f"loss {sum(w * s for w, s in zip(weights, sums)) / self.loss_steps:.4f}")
-        parts += [f"{self.step * self.batch_size / max(elapsed, 1e-9):.0f} img/s", f"epoch left {duration(epoch_left)}",
-                  f"run left {duration(epoch_left + (self.epochs - self.epoch - 1) * per_epoch)}"]
-        return " | ".join(parts)
+        parts += [f"{self.step * self.batch_size / max(elapsed, 1e-9):.0f} img/s", f"left {duration(epoch_left)}, run {duration(run_left)}"]
+        return " | ".join(parts)  # short: it must fit an 80-column terminal to be rewritten in place
 
     def show(self, line):
         if self.tty:
