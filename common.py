@@ -12,7 +12,11 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import resource
+import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -546,21 +550,158 @@ def restore(state, model, optimizer, env, generator):
 
 
 class Logger:
-    """One line per epoch on the console and one JSON object per epoch in log.jsonl (rank 0)."""
+    """One line per epoch on the console and one JSON object per epoch in log.jsonl (rank 0); with
+    tensorboard=True every number of those records also goes to <run>/tensorboard/."""
 
-    def __init__(self, path, env):
+    def __init__(self, path, env, tensorboard=False, stream=None):
         self.path, self.env = Path(path), env
+        self.stream = stream or sys.stdout
+        self.live_line = False  # a progress line is on the terminal, not yet ended by a newline
+        self.writer = None
         if env.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.writer = tensorboard_writer(self.path / "tensorboard")
+                if self.writer is None:
+                    self.print("note: --tensorboard needs the tensorboard package: pip install tensorboard (this run writes no curves)")
+                else:
+                    atexit.register(self.close)  # an interrupted run keeps its last curves
 
     def print(self, *msg):
         if self.env.is_main:
-            print(*msg, flush=True)
+            self.clear_line()
+            print(*msg, file=self.stream, flush=True)
+
+    def live(self, line):
+        """Rewrite the terminal's last line in place; cut to the terminal's width, as a wrapped line
+        could not be rewritten."""
+        width = shutil.get_terminal_size().columns - 1
+        self.stream.write("\r" + line[:width] + "\x1b[K")
+        self.stream.flush()
+        self.live_line = True
+
+    def clear_line(self):
+        if self.live_line:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.live_line = False
 
     def log(self, record):
         if self.env.is_main:
             with open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.scalars(record, record["epoch"])
+
+    def scalars(self, record, step):
+        """Every number of `record` to TensorBoard at `step` (the epoch); strings and None are skipped."""
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(scalar_tag(key), value, step)
+        self.writer.flush()  # once per epoch: the curves are current while the run goes on
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def tensorboard_writer(folder):
+    """torch.utils.tensorboard's SummaryWriter on `folder`, or None without the tensorboard package
+    (an optional extra, not in requirements.txt)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def scalar_tag(key):
+    """TensorBoard tag of a log.jsonl key, grouped as TensorBoard shows them: one panel per group."""
+    if key.startswith("loss"):
+        return "loss/" + (key[len("loss_"):] or "total")
+    if key in ("nmi", "acc", "ari"):
+        return "eval/" + key
+    if key in ("entropy", "min_share", "max_share", "empty"):
+        return "health/" + key
+    return "train/" + key
+
+
+def duration(seconds):
+    """H:MM:SS, with days in front past a day (a 1000-epoch run can take weeks)."""
+    days, rest = divmod(max(0, round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+class Progress:
+    """Where a run is between its epoch lines: step / steps, img/s, time left in the epoch and the run.
+
+    On a terminal, one line rewritten in place every `refresh` seconds; when the output is a file (a
+    cluster job's log), a plain line at most every `every` seconds. Nothing in the first `delay`
+    seconds of an epoch (on a terminal; `every` in a file), so short epochs print only their epoch
+    line. The loop's loss sums stay on the device and are read only when a line is printed: no
+    per-step sync. `clock` is injectable for tests.
+    """
+    delay, refresh, every = 2.0, 0.5, 60.0  # seconds
+
+    def __init__(self, epochs, batch_size, logger, clock=time.monotonic):
+        self.epochs, self.batch_size, self.logger, self.clock = epochs, batch_size, logger, clock
+        self.tty = logger.stream.isatty() if hasattr(logger.stream, "isatty") else False
+        self.wait, self.interval = (self.delay, self.refresh) if self.tty else (self.every, self.every)
+        self.epoch = None
+        self.epochs_timed = 0
+
+    def __call__(self, batches, epoch, steps, totals=None, weights=None):
+        """Yield from `batches`, counting the steps of (0-based) `epoch`, `steps` in all, however many
+        loops make it up. `totals`: the device tensor the loop adds its loss terms to, each step;
+        `weights`: the terms' weights in the loss (default 1 each)."""
+        if not self.logger.env.is_main:
+            yield from batches
+            return
+        now = self.clock()
+        if epoch != self.epoch:  # a new epoch: the time from the run's first epoch to here sets the pace
+            if self.epoch is None:
+                self.first_start = now
+            else:
+                self.epochs_timed += 1
+            self.epoch, self.start, self.last, self.step, self.loss_steps = epoch, now, now, 0, 0
+        self.steps = steps
+        try:
+            for batch in batches:
+                yield batch
+                self.step += 1
+                if totals is not None:
+                    self.loss_steps += 1
+                now = self.clock()
+                if now - self.start >= self.wait and now - self.last >= self.interval:
+                    self.last = now
+                    self.show(self.line(now, totals, weights))
+        finally:
+            self.logger.clear_line()
+
+    def line(self, now, totals, weights):
+        elapsed = now - self.start
+        per_step = elapsed / self.step
+        epoch_left = max(self.steps - self.step, 0) * per_step
+        # whole epochs as timed so far (evaluation and checkpoints included), else this one's pace
+        per_epoch = (self.start - self.first_start) / self.epochs_timed if self.epochs_timed else per_step * self.steps
+        run_left = epoch_left + (self.epochs - self.epoch - 1) * per_epoch
+        parts = [f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.steps}"]
+        if totals is not None and self.loss_steps:
+            sums = totals.tolist()  # the one device sync, per printed line
+            weights = weights or [1.0] * len(sums)
+            parts.append(f"loss {sum(w * s for w, s in zip(weights, sums)) / self.loss_steps:.4f}")
+        parts += [f"{self.step * self.batch_size / max(elapsed, 1e-9):.0f} img/s", f"left {duration(epoch_left)}, run {duration(run_left)}"]
+        return " | ".join(parts)  # short: it must fit an 80-column terminal to be rewritten in place
+
+    def show(self, line):
+        if self.tty:
+            self.logger.live(line)
+        else:
+            self.logger.print(line)
 
 
 def epoch_line(record, epochs, seconds_left):
@@ -568,7 +709,7 @@ def epoch_line(record, epochs, seconds_left):
     parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss")]
     parts += [f"{k} {record[k]:.3f}" for k in ("nmi", "acc", "ari") if record.get(k) is not None]
     parts.append(f"{record['img_per_s']:.0f} img/s")
-    parts.append(f"left {time.strftime('%H:%M:%S', time.gmtime(seconds_left))}")
+    parts.append(f"left {duration(seconds_left)}")
     return " | ".join(parts)
 
 
@@ -588,32 +729,144 @@ def evaluation_record(labels, pred, num_clusters):
 
 
 def write_results(path, ds, pred, conf, record, extra):
-    """final.json, assignments.csv (one row per image) and clusters.png (a row of up to 10
-    images per cluster, largest cluster first)."""
+    """final.json (metrics, run statistics, class names, how the run was made), assignments.csv
+    (one row per image, with its class name) and clusters.png (see save_cluster_grid)."""
     path = Path(path)
-    write_json(path / "final.json", {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **extra})
+    write_json(path / "final.json", {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **extra, "classes": list(ds.classes),
+                                     **provenance()})
     with open(path / "assignments.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "file", "label", "cluster", "confidence"])
+        w.writerow(["index", "file", "label", "class", "cluster", "confidence"])
         labels = ds.labels.tolist() if ds.labels is not None else [""] * len(pred)
         for i, (name, y, c, p) in enumerate(zip(ds.files, labels, pred.tolist(), conf.tolist())):
-            w.writerow([i, name, y, c, f"{p:.4f}"])
-    save_cluster_grid(path / "clusters.png", ds.images, pred, conf)
+            w.writerow([i, name, y, ds.classes[y] if y != "" else "", c, f"{p:.4f}"])
+    save_cluster_grid(path / "clusters.png", ds.images, pred, conf, ds.labels, ds.classes, ds.num_classes)
 
 
-def save_cluster_grid(path, images, pred, conf, per_row=10, size=64):
-    from torchvision.utils import save_image
+def provenance():
+    """How this run was made: the command line, the library versions and the git commit of the
+    scripts (None when they are not in a git checkout or git is missing)."""
+    return {"command": shlex.join(["python", *sys.argv]), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": _version("torchvision"), **git_state(Path(__file__).resolve().parent)}
 
-    order = torch.bincount(pred).argsort(descending=True)
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def git_state(folder):
+    """{"git_commit": HEAD's hash or None, "git_dirty": uncommitted changes to tracked files, or None}."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(folder), *cmd], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, a refused repository
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
+    """What clusters.png shows: the rows, largest cluster first, each (cluster id, member indices,
+    label lines), at most `max_rows` of them; and the lines under them (clusters left out, empty
+    clusters). The label: cluster id, size and, with labels, its majority class and that class's share."""
+    num_clusters = max(num_clusters, int(pred.max()) + 1)
+    sizes = torch.bincount(pred, minlength=num_clusters)
+    order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]
     rows = []
-    for c in order.tolist():
+    for c in order[:max_rows]:
         members = (pred == c).nonzero().flatten()
-        if len(members) == 0:
-            continue
+        lines = [f"cluster {c}", f"{len(members)} image{'s' if len(members) > 1 else ''}"]
+        if labels is not None:
+            counts = torch.bincount(labels[members])
+            top = int(counts.argmax())
+            lines += [classes[top] if top < len(classes) else f"class {top}", f"{counts[top] / len(members):.0%} of the cluster"]
+        rows.append((c, members, lines))
+    notes = []
+    if len(order) > max_rows:
+        notes.append(f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} "
+                     f"are in assignments.csv")
+    empty = [c for c in range(num_clusters) if sizes[c] == 0]
+    if empty:
+        notes.append(f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty)))
+    return rows, notes
+
+
+def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clusters=0, per_row=10, size=64, max_rows=50,
+                      panel=150, pad=2):
+    """clusters.png: one row per cluster, largest first: a label panel (grid_plan's lines), then its
+    `per_row` most confident images; the notes underneath. Thumbnails by torchvision's make_grid,
+    text by PIL's ImageDraw in PIL's default font."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    rows, notes = grid_plan(pred, num_clusters, labels, classes, max_rows)
+    font = default_font()
+    box = font.getbbox("Ag")
+    line_height = box[3] - box[1] + 2  # four lines fit beside a 64 px thumbnail
+    width = panel + per_row * (size + pad) + pad
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    notes = [part for note in notes for part in wrap(note, width - 4 * pad, measure, font)]
+    height = len(rows) * (size + pad) + pad + (len(notes) * line_height + 2 * pad if notes else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (c, members, lines) in enumerate(rows):
+        top = pad + i * (size + pad)
+        draw.rectangle([pad, top, panel - 1, top + size - 1], fill=(232, 232, 232))
+        for j, text in enumerate(lines):
+            draw.text((2 * pad + 2, top + 1 + j * line_height), fit(text, panel - 3 * pad - 4, draw, font), fill="black", font=font)
         members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
-        row = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        rows.append(torch.cat([row, torch.ones(per_row - len(members), 3, size, size)]))
-    save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+        thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        strip = make_grid(thumbs, nrow=per_row, padding=pad, pad_value=1.0)  # (3, size + 2 pad, n (size + pad) + pad)
+        canvas.paste(to_pil_image(strip), (panel, top - pad))
+    for j, text in enumerate(notes):
+        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line_height), text, fill="black", font=font)
+    canvas.save(path)
+
+
+def default_font(size=12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def fit(text, width, draw, font):
+    """`text`, cut with "..." to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def wrap(text, width, draw, font):
+    """`text` in lines of at most `width` pixels, broken at spaces."""
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines[-1] else word
+        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+@torch.inference_mode()
+def export_features(run_path, fn, model, images, transform, env):
+    """features.npy: fn(x) of every image (the representation the method clusters), float16 (N, D),
+    in dataset order (the rows of assignments.csv), on the deterministic evaluation view."""
+    model.eval()
+    features = predict(lambda x: {"f": fn(x)}, images, transform, env)["f"]
+    model.train()
+    np.save(Path(run_path) / "features.npy", features.numpy().astype(np.float16))
 
 
 def load_data(args, env, with_unlabeled=False):
@@ -656,6 +909,8 @@ def finish(run_path, ds, pred, conf, env, logger, **stats):
     record = evaluation_record(ds.labels, pred, ds.num_classes)
     stats.update(device=str(env.device), precision=env.precision, peak_memory_mb=round(peak_memory_mb(env), 1), world_size=env.world_size)
     write_results(run_path, ds, pred, conf, record, {**stats, **{k: record[k] for k in ("entropy", "min_share", "max_share", "empty")}})
+    logger.scalars(record, stats["epochs"])  # the final evaluation ends the curves
+    logger.close()
     if record["nmi"] is None:
         logger.print("final: unlabelled data, no metrics")
     else:

@@ -108,7 +108,7 @@ def check_run_files(run_path, num_images, epochs):
         assert key in final, key
     assert final["epochs"] == epochs
     rows = (run_path / "assignments.csv").read_text().splitlines()
-    assert rows[0].startswith("index,file,label,cluster,confidence") and len(rows) == num_images + 1
+    assert rows[0] == "index,file,label,class,cluster,confidence" and len(rows) == num_images + 1
     assert (run_path / "clusters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return final
 

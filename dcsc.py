@@ -61,6 +61,9 @@ class Args:
     run_name: str = arg(None, "run folder name (default: dcsc-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
+    export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
+                                       "the representation the clustering reads (the backbone output; with --ablate clc the instance head's)")
 
 
 def mlp(d_in, d_hidden, d_out, bn=True):
@@ -170,7 +173,7 @@ def main(argv=None):
     common.check(args.overcluster is None or args.overcluster >= 2, f"--overcluster must be at least 2, got {args.overcluster}")
     env = common.Env(args, "dcsc")
     run_path = common.run_dir(args, "dcsc")
-    logger = common.Logger(run_path, env)
+    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
     s, blur = data.cc_strength(ds.name)  # CC's augmentations (DCSC paper, Sec. 4.2)
     aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
@@ -198,13 +201,15 @@ def main(argv=None):
             common.atomic_save(common.checkpoint_state("dcsc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
 
     zero = torch.zeros((), device=env.device)
+    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     try:
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(4, device=env.device)  # read once per epoch: no per-step sync
-            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device):
+            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device), epoch, epoch_steps, totals, weights=[1, 1, 1, args.cr_weight]):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
                     z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls, as CC's code: BatchNorm statistics per view
@@ -241,6 +246,9 @@ def main(argv=None):
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env, kmeans_clusters, args.seed)
+        if args.export_features:  # what evaluate clusters: the cluster head's input, or k-means' features
+            features = model.backbone if kmeans_clusters is None else lambda x: model.instance_head(model.backbone(x))
+            common.export_features(run_path, features, model, ds.images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 

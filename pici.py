@@ -67,6 +67,9 @@ class Args:
     run_name: str = arg(None, "run folder name (default: pici-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
+    export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
+                                       "the representation the clustering reads (the encoder's CLS token; with --heads instance the instance-MLP's)")
 
 
 class Network(nn.Module):
@@ -213,7 +216,7 @@ def main(argv=None):
     common.check(args.heads == "both" or not cli, f"--heads {args.heads}: CLI needs both heads (pseudo-labels from one, targets for the other): add --ablate cli")
     env = common.Env(args, "pici")
     run_path = common.run_dir(args, "pici")
-    logger = common.Logger(run_path, env)
+    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
     aug = data.Augmentation("pici", args.image_size)  # view a weak (resize, normalise), view b CC's strong family (Sec. 3.1, 4.1)
     # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
@@ -247,6 +250,8 @@ def main(argv=None):
             common.atomic_save(common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
                                                        stage=stage_of(epoch - 1, lengths) if epoch else None), run_path / "checkpoint.pt")
 
+    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     try:
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
@@ -263,8 +268,8 @@ def main(argv=None):
                 if env.distributed:
                     torch.distributed.broadcast(targets, src=0)
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, idx in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device):
+            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device), epoch, epoch_steps, totals):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
                     z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, gen, **parts)
@@ -309,6 +314,9 @@ def main(argv=None):
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+        if args.export_features:  # what evaluate clusters: the cluster-MLP's input, or k-means' features
+            features = model.backbone if model.cluster_head is not None else lambda x: model(x)[0]
+            common.export_features(run_path, features, model, ds.images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 

@@ -50,6 +50,9 @@ class Args:
     run_name: str = arg(None, "run folder name (default: vitic-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
+    export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
+                                       "the representation the clustering reads (the backbone's CLS token)")
 
 
 def projection_head(width, hidden, out):
@@ -120,7 +123,7 @@ def main(argv=None):
     common.check(args.image_size % 16 == 0, f"--image-size must be a multiple of 16 (the conv stem down-samples by 16), got {args.image_size}: use e.g. 32, 64 or 128")
     env = common.Env(args, "vitic")
     run_path = common.run_dir(args, "vitic")
-    logger = common.Logger(run_path, env)
+    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
     aug = data.Augmentation("vitic", args.image_size)  # SimCLR-like views, ImageNet normalisation (Sec. 3.2; strengths from the author's code)
     unlabeled = ds.unlabeled  # None but for STL-10
@@ -143,22 +146,24 @@ def main(argv=None):
         if env.is_main:
             common.atomic_save(common.checkpoint_state("vitic", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
 
+    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     try:
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (as in CC)
-                for x, _, _ in data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device):
+                for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device), epoch, epoch_steps):
                     x_a, x_b = aug.views(x, gen)
                     with env.autocast():
                         z_a, _ = net(x_a)
                         z_b, _ = net(x_b)
                     z_a, z_b = common.gather(z_a, z_b, env=env)
                     env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
-            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device):
+            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device), epoch, epoch_steps, totals):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the author's code: BatchNorm statistics per view
@@ -192,6 +197,8 @@ def main(argv=None):
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env)
+        if args.export_features:  # the cluster head's input
+            common.export_features(run_path, model.backbone, model, ds.images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 

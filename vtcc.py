@@ -57,6 +57,9 @@ class Args:
     run_name: str = arg(None, "run folder name (default: vtcc-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
+    export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
+                                       "the representation the clustering reads (the backbone's CLS token; with --heads instance the instance projector's)")
 
 
 def projector(width, out, hidden=1536):
@@ -136,7 +139,7 @@ def main(argv=None):
                  f"--image-size {args.image_size} is not a multiple of 16 (the ViT stem down-samples by 16): use e.g. 32, 64, 128 or 224")
     env = common.Env(args, "vtcc")
     run_path = common.run_dir(args, "vtcc")
-    logger = common.Logger(run_path, env)
+    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
     aug = data.Augmentation("vtcc", args.image_size)  # BYOL's asymmetric views, ImageNet normalisation (Sec. III-A)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.stem, args.feature_dim, args.heads),
@@ -161,13 +164,15 @@ def main(argv=None):
         if env.is_main:
             common.atomic_save(common.checkpoint_state("vtcc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
 
+    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     try:
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, _ in data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device):
+            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                    device=env.device), epoch, epoch_steps, totals):
                 x_a, x_b = aug.views(x, gen)
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
@@ -206,6 +211,9 @@ def main(argv=None):
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+        if args.export_features:  # what evaluate clusters: the cluster projector's input, or k-means' features
+            features = model.backbone if model.cluster_head is not None else lambda x: model.instance_head(model.backbone(x))
+            common.export_features(run_path, features, model, ds.images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 
