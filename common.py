@@ -876,7 +876,8 @@ def load_data(args, env, with_unlabeled=False):
 
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
-                                 seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled)
+                                 seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
+                                 storage_size=args.storage_size)
 
     try:
         if env.distributed and not env.is_main:

@@ -2,13 +2,16 @@
 
 Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
 augmented a whole batch at a time on the training device: the random parameters come from a seeded
-CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling
-(SPEC.md §2), and no DataLoader workers are needed.
+CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling, and no
+DataLoader workers are needed. Every image is kept whole, squashed to S x S, with its original
+height and width beside it (ds.sizes): the authors run RandomResizedCrop on the full original image
+and evaluate on the whole image resized to size x size, and so do we (crop boxes are drawn in the
+original's frame and mapped into the stored square).
 
     ds = load_dataset("ucmerced", root="./data", image_size=224)
     aug = Augmentation("cc", 224, *cc_strength("ucmerced"))
     for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
-        x_a, x_b = aug.views(x.to(device), g)
+        x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
 """
 
 import hashlib
@@ -66,7 +69,10 @@ CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 1  # bump when the decoding changes, so old caches are rebuilt
+CACHE_VERSION = 2  # bump when the decoding changes, so old caches are rebuilt (2: whole images; 1 kept a centre square)
+SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
+# Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
+CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
 
 
 class DataError(ValueError):
@@ -75,7 +81,8 @@ class DataError(ValueError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8, CPU
+    images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, resized to S x S (aspect not kept)
+    sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame training crops are drawn in
     labels: torch.Tensor | None  # (N,) int64, None for unlabelled data
     files: list  # N file paths relative to the folder, or "cifar10/train/123"-style ids
     classes: list  # class names ([] for unlabelled data)
@@ -93,16 +100,21 @@ class ImageSet:
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, workers=None):
-    """Load a dataset of SPEC §3 (or any image folder) as an ImageSet of uint8 images.
+    """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
 
-    Images are stored at S = storage_size (default image_size*256/224, the usual resize-then-crop
-    margin), or at their native size when smaller (digits 8, CIFAR 32, STL-10 96).
+    Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
+    storage_size, default 2 x image_size, and never more than the largest native side (digits 8,
+    CIFAR 32, STL-10 96, UC Merced 256). 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
+    a smallest crop (scale 0.08: 0.28 of each side) of a large image still spans 0.57 x image_size
+    stored pixels.
     """
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
         raise DataError(f"--max-images must be at least 2, got {max_images}")
-    size = storage_size or round(image_size * 256 / 224)
+    if storage_size is not None and storage_size < 1:
+        raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
+    size = storage_size or 2 * image_size
     name = str(name_or_path)
     unlabeled = None
     if name == "digits":
@@ -119,12 +131,18 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
         ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+    elif name == "chaoyang":
+        ds = _load_chaoyang(root, size, max_images, seed, workers)
     elif name in DATASETS:
         folder = os.path.join(root, name)
+        if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
+            folder = os.path.join(folder, "images")  # DTD as published: dtd/images/<class>/ beside labels/ and imdb/
         if not os.path.isdir(folder):
+            published = {"rsod": f"; RSOD as published, {folder}/<class>/JPEGImages/*.jpg, works",
+                         "dtd": f"; DTD as published, {folder}/images/<class>/*.jpg, works"}.get(name, "")
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
-                            f"recursively). Download it from its publisher, or pass --data-root.")
+                            f"recursively{published}). Download it from its publisher, or pass --data-root.")
         ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
     elif os.path.isdir(name):
         ds = _load_folder(name, root, size, max_images, seed, workers, num_clusters,
@@ -138,6 +156,11 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     ds.num_classes = num_clusters or len(ds.classes)
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
+    small = (ds.sizes < image_size).any(1)
+    if small.any():
+        h, w = ds.sizes[small.nonzero()[0, 0]].tolist()
+        warnings.warn(f"{ds.name}: {int(small.sum())} of {len(ds)} images are smaller than the training size "
+                      f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
     ds.unlabeled = unlabeled
     return ds
 
@@ -175,13 +198,14 @@ def _resize_uint8(x, size):
 
 
 def _from_arrays(name, images, labels, files, classes, size, max_images, seed):
-    """ImageSet from in-memory uint8 images (N, 3, s, s): subset, then shrink to `size` if larger."""
+    """ImageSet from in-memory square uint8 images (N, 3, s, s): subset, then shrink to `size` if larger."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if max_images:
         keep = balanced_subset(labels, max_images, seed)
         images, labels, files = images[keep], labels[keep], [files[i] for i in keep]
+    sizes = torch.tensor(images.shape[-2:]).repeat(len(images), 1)
     images = _resize_uint8(images, min(size, images.shape[-1]))
-    return ImageSet(images.contiguous(), labels, files, classes, len(classes), name)
+    return ImageSet(images.contiguous(), sizes, labels, files, classes, len(classes), name)
 
 
 def _load_digits(size, max_images, seed):
@@ -285,18 +309,14 @@ def _image_size(path):
 
 
 def _decode(path, size):
-    """Decode one image: RGB, shorter side resized to `size` (antialiased), centre crop. (size, size, 3) uint8."""
+    """Decode one image whole: RGB, resized to size x size (aspect not kept). (size, size, 3) uint8."""
     from PIL import Image
     with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size` (faster)
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
         im = im.convert("RGB")
-        w, h = im.size
-        if min(w, h) != size:
-            r = size / min(w, h)
-            w, h = max(size, round(w * r)), max(size, round(h * r))
-            im = im.resize((w, h), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
+        return np.asarray(im)
 
 
 def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name, only=None):
@@ -321,23 +341,67 @@ def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, na
             warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
             listing = [r for r in listing if os.sep in r[0]]
         classes = sorted({r[0].split(os.sep)[0] for r in listing})
+        if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
+            fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
+                   f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
+                   f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
+            raise DataError(f"{folder}: its only sub-folders are {', '.join(classes)}, dataset splits, not classes: {fix}")
         if len(classes) < 2:
             raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
                             f"(or a flat folder of images with --num-clusters)")
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
-    keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
+    return _load_files(folder, root, listing, labels, classes, size, max_images, seed, workers, name)
 
-    # the cache key covers the file list (paths, sizes, mtimes), the subset and the storage size
-    key = json.dumps([CACHE_VERSION, os.path.abspath(folder), listing, max_images, seed, size, only])
-    key = hashlib.sha1(key.encode()).hexdigest()[:16]
+
+def _load_chaoyang(root, size, max_images, seed, workers):
+    """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
+    of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
+    folder = os.path.join(root, "chaoyang")
+    listing, labels, missing = [], [], []
+    for split in ("train", "test"):
+        path = os.path.join(folder, f"{split}.json")
+        if not os.path.isfile(path):
+            raise DataError(f"Chaoyang not found: expected {folder}/train/ and {folder}/test/ with their label files "
+                            f"{folder}/train.json and {folder}/test.json, as downloaded; or pass --data-root")
+        try:
+            with open(path) as f:
+                entries = [(e["name"], int(e["label"])) for e in json.load(f)]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} is not Chaoyang's label file, a JSON list of "
+                            f"{{\"name\": \"{split}/<file>\", \"label\": 0-3}} ({type(e).__name__}: {e}); download it again") from e
+        for file, label in entries:
+            if not 0 <= label < len(CHAOYANG_CLASSES):
+                raise DataError(f"{path}: label {label} of {file} is not one of Chaoyang's 0-3; download it again")
+            try:
+                st = os.stat(os.path.join(folder, file))
+            except OSError:
+                missing.append(file)
+                continue
+            listing.append((os.path.normpath(file), st.st_size, st.st_mtime_ns))
+            labels.append(label)
+    if missing:
+        raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
+    labels = torch.tensor(labels, dtype=torch.int64)
+    return _load_files(folder, root, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang")
+
+
+def _load_files(folder, root, listing, labels, classes, size, max_images, seed, workers, name):
+    """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
+    read them from the cache. S = min(size, the largest native side)."""
+    keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
+    # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
+    key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
+           max_images, seed, size]
+    key = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
     cache = os.path.join(root, ".cache", f"{name}-{size}-{key}.pt")
     if os.path.exists(cache):
         try:
             # memory-mapped: starts in well under a second, and processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
-            return ImageSet(c["images"], c["labels"], c["files"], classes, len(classes), name)
+            return ImageSet(c["images"], c["sizes"], c["labels"], c["files"], classes, len(classes), name)
         except (OSError, RuntimeError, KeyError, EOFError) as e:
             warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
 
@@ -351,8 +415,7 @@ def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, na
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
         ok = [s is not None for s in sizes]
-        # native size when every image is smaller than the storage size (e.g. Tiny-ImageNet 64, DTD10 128)
-        size = min(size, max((min(s) for s in sizes if s), default=size))
+        size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
@@ -369,11 +432,12 @@ def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, na
         arr, files = arr[np.array(ok)], [f for f, g in zip(files, ok) if g]
         labels = labels[torch.tensor(ok)] if labels is not None else None
     images = torch.from_numpy(arr)
+    sizes = torch.tensor([s[::-1] for s, good in zip(sizes, ok) if good], dtype=torch.int64).view(-1, 2)  # (height, width)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"
-    torch.save({"images": images, "labels": labels, "files": files, "bad": bad}, tmp)
+    torch.save({"images": images, "sizes": sizes, "labels": labels, "files": files, "bad": bad}, tmp)
     os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
-    return ImageSet(images, labels, files, classes, len(classes), name)
+    return ImageSet(images, sizes, labels, files, classes, len(classes), name)
 
 
 def _report_bad(bad, total, folder):
@@ -421,14 +485,16 @@ def _resize_weights(offset, length, n_in, n_out):
     """(B, n_out, n_in) rows of antialiased bilinear weights resampling input[offset:offset+length] to n_out.
 
     Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
-    factor when shrinking, renormalised at the crop edges.
+    factor when shrinking, renormalised at the crop edges. offset and length may be fractional (a
+    box mapped from the original image into the stored one): the pixels whose centres lie in
+    [offset, offset + length) take part, at least one when length >= 1.
     """
     scale = length / n_out  # (B,)
     support = scale.clamp(min=1.0)
     center = scale[:, None] * (torch.arange(n_out, device=offset.device) + 0.5)  # (B, n_out), crop coordinates
-    j = torch.arange(n_in, device=offset.device) - offset[:, None]  # (B, n_in), crop coordinates
-    t = (j[:, None, :] + 0.5 - center[:, :, None]) / support[:, None, None]
-    inside = ((j >= 0) & (j < length[:, None]))[:, None, :]
+    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[:, None]  # (B, n_in) pixel centres, crop coordinates
+    t = (c[:, None, :] - center[:, :, None]) / support[:, None, None]
+    inside = ((c >= 0) & (c < length[:, None]))[:, None, :]
     w = (1 - t.abs()).clamp(min=0) * inside
     return w / w.sum(-1, keepdim=True)
 
@@ -436,9 +502,9 @@ def _resize_weights(offset, length, n_in, n_out):
 def resized_crop(x, boxes, size, flip=None):
     """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
 
-    As torchvision's resized_crop(..., antialias=True), done as two batched matrix products. A uint8
-    input gives a float output in [0, 1]. flip (B,) bool mirrors those outputs at no cost (the
-    column weights are reversed).
+    As torchvision's resized_crop(..., antialias=True), done as two batched matrix products; boxes
+    may be fractional (see _resize_weights). A uint8 input gives a float output in [0, 1]. flip (B,)
+    bool mirrors those outputs at no cost (the column weights are reversed).
     """
     top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)
     ry = _resize_weights(top, h, x.shape[-2], size)
@@ -451,7 +517,9 @@ def resized_crop(x, boxes, size, flip=None):
 
 
 def resize(x, size):
-    """The whole square image resized to size x size (the eval transform)."""
+    """The whole stored image resized to size x size, i.e. the whole original resized to size x size
+    (torchvision's Resize((size, size))): the eval transform, and PICI's weak view that "merely
+    resizes and normalizes" the image (PICI paper, Sec. 4.1)."""
     s = x.shape[-1]
     return resized_crop(x, torch.tensor([[0, 0, s, s]]), size)
 
@@ -574,9 +642,12 @@ def _uniform(shape, lo, hi, g):
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes (n, 4) = (top, left, h, w): torchvision's 10 tries, then its fallback.
 
-    Each try: area ~ U(scale) of the image, log aspect ~ U(log ratio); the first box that fits wins;
-    if none fits, the centre crop of the whole image clamped to the ratio range.
+    height, width: the original image's size, one for all or (n,) tensors, one per image. Each try:
+    area ~ U(scale) of the image, log aspect ~ U(log ratio); the first box that fits wins; if none
+    fits, the centre crop of the whole image clamped to the ratio range.
     """
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]  # (n, 1)
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
     area = height * width * _uniform((n, 10), *scale, g)
     aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
     w = torch.round(torch.sqrt(area * aspect))
@@ -584,18 +655,24 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(1, keepdim=True)  # first try that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    if width / height < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
+    height, width = height[:, 0], width[:, 0]
+    fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # fallback: too wide
+    fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)  # too tall
     found = fits.any(1)
-    u = torch.rand(n, 2, generator=g)
-    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.tensor((height - fh) // 2.0))
-    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.tensor((width - fw) // 2.0))
-    h, w = torch.where(found, h, torch.tensor(float(fh))), torch.where(found, w, torch.tensor(float(fw)))
+    u = torch.rand(n, 2, generator=g).double()
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.div(width - fw, 2, rounding_mode="floor"))
+    h, w = torch.where(found, h, fh), torch.where(found, w, fw)
     return torch.stack([top, left, h, w], 1).long()
+
+
+def stored_boxes(boxes, sizes, stored):
+    """Boxes (n, 4) in pixels of originals of sizes (n, 2) = (height, width), as float boxes in the
+    images stored at stored x stored: the same part of each image (at least one stored pixel wide)."""
+    f = stored / sizes.to(torch.float32)  # (n, 2) stored pixels per original pixel
+    length = (boxes[:, 2:] * f).clamp(min=1.0)
+    start = torch.minimum(boxes[:, :2] * f, stored - length)
+    return torch.cat([start, length], 1)
 
 
 def sample_jitter(n, strengths, g):
@@ -653,7 +730,7 @@ def sample_view(n, height, width, g, view):
 
 
 class Augmentation:
-    """Two random views of a uint8 batch on its own device, per SPEC §2.
+    """Two random views of a batch of whole uint8 images on its own device.
 
     recipe: "cc" (CC, DCSC; output in [0, 1]), "vtcc", "vitic" (BYOL's asymmetric views), "pici"
     (weak + strong view); the last three are ImageNet-normalised. s and blur set the CC family's
@@ -667,17 +744,23 @@ class Augmentation:
         self.kernel = blur_kernel_size(image_size)
         self.norm = recipe != "cc"
 
-    def views(self, x, generator):
-        """x (B, 3, S, S) uint8 -> two float32 (B, 3, size, size) views on x's device."""
-        a = self.eval(x) if self.view_params[0] is None else self.view(x, generator, self.view_params[0])
-        return a, self.view(x, generator, self.view_params[1])
+    def views(self, x, generator, sizes=None):
+        """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
+        -> two float32 (B, 3, size, size) views on x's device."""
+        a = self.eval(x) if self.view_params[0] is None else self.view(x, generator, self.view_params[0], sizes)
+        return a, self.view(x, generator, self.view_params[1], sizes)
 
-    def view(self, x, g, p):
-        n, _, h, w = x.shape
-        q = sample_view(n, h, w, g, p)
+    def view(self, x, g, p, sizes=None):
+        n, s = len(x), x.shape[-1]
+        sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
+        # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
+        # original's width x height, as RandomResizedCrop on the full image, then cut from the same
+        # part of the stored square
+        q = sample_view(n, sizes[:, 0], sizes[:, 1], g, p)
+        boxes = stored_boxes(q["boxes"], sizes, s)
         # flip is applied right after the crop in every recipe: it commutes with the colour ops,
         # the symmetric blur and solarize, so BYOL's flip-last order gives the same images
-        x = resized_crop(x, q["boxes"], self.size, flip=q["flip"])
+        x = resized_crop(x, boxes, self.size, flip=q["flip"])
         x = color_jitter(x, q["factors"], q["order"], q["jitter"])
         x = _on(x, q["gray"], grayscale)
         x = _on(x, q["blur"], lambda z, s: gaussian_blur(z, self.kernel, s), q["sigma"])

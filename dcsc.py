@@ -31,6 +31,8 @@ class Args:
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size: DCSC paper, Sec. 4.2, every image resized to 224x224")
+    storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
+                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: DCSC paper, Sec. 4.2")
     batch_size: int = arg(256, "global batch size: DCSC paper, Sec. 4.2")
     lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: DCSC paper, Sec. 4.2")
@@ -208,9 +210,9 @@ def main(argv=None):
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(4, device=env.device)  # read once per epoch: no per-step sync
-            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals, weights=[1, 1, 1, args.cr_weight]):
-                x_a, x_b = aug.views(x, gen)
+                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
                 with env.autocast():
                     z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls, as CC's code: BatchNorm statistics per view
                     z_b, c_b, p_b, q_b = net(x_b)

@@ -33,6 +33,8 @@ class Args:
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): PICI paper, Sec. 4.1, 224x224")
+    storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
+                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(None, "total epochs: PICI paper, Sec. 4.1, 200 + 800 + 50 = 1050, split 200:800:50 between the "
                       "stages; with explicit stage lengths their sum, and a smaller --epochs stops the run early", type=int)
     pretrain_epochs: int = arg(None, "stage 1, L_PISD only (Algorithm 1, lines 1-7; paper 200); give all three stage lengths or none", type=int)
@@ -270,7 +272,7 @@ def main(argv=None):
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
             for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
-                x_a, x_b = aug.views(x, gen)
+                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
                 with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
                     z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, gen, **parts)
                     z_b, p_b, pixels_b, mask_b = net(x_b, args.mask_ratio, gen, **parts)

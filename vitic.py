@@ -27,6 +27,8 @@ class Args:
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(128, "input size, a multiple of 16 (128 px: 8x8 tokens): ViT-IC paper, Sec. 4.1")
+    storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
+                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: ViT-IC paper, Sec. 4.1")
     batch_size: int = arg(256, "global batch size: ViT-IC paper, Sec. 4.1")
     lr: float = arg(1e-3, "Adam learning rate, constant, no weight decay: ViT-IC paper, Sec. 4.1")
@@ -162,9 +164,9 @@ def main(argv=None):
                         z_b, _ = net(x_b)
                     z_a, z_b = common.gather(z_a, z_b, env=env)
                     env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
-            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
-                x_a, x_b = aug.views(x, gen)
+                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the author's code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)

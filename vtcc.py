@@ -30,6 +30,8 @@ class Args:
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
+    storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
+                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
     batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
     lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: VTCC paper, Sec. III-A")
@@ -171,9 +173,9 @@ def main(argv=None):
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, _ in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
-                x_a, x_b = aug.views(x, gen)
+                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)

@@ -89,17 +89,20 @@ def main():
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, recipe {args.recipe}")
 
     def images(size, n):
+        """Whole images (n, 3, S, S) at the default storage size and their originals' (height, width)."""
         if os.path.isdir(args.dataset) or os.path.isdir(os.path.join(args.data_root, args.dataset)):
-            return data.load_dataset(args.dataset, root=args.data_root, image_size=size, max_images=n).images
-        return torch.randint(0, 256, (n, 3, round(size * 256 / 224), round(size * 256 / 224)), dtype=torch.uint8)
+            ds = data.load_dataset(args.dataset, root=args.data_root, image_size=size, max_images=n)
+            return ds.images, ds.sizes
+        return torch.randint(0, 256, (n, 3, 2 * size, 2 * size), dtype=torch.uint8), torch.tensor([[4 * size, 3 * size]]).repeat(n, 1)
 
-    x = images(args.size, args.batch).to(device)
+    x, sizes = images(args.size, args.batch)
+    x = x.to(device)
     aug = data.Augmentation(args.recipe, args.size)
     g = torch.Generator().manual_seed(0)
-    t_aug, c_aug = timed(lambda: aug.views(x, g), device, args.repeat)
+    t_aug, c_aug = timed(lambda: aug.views(x, g, sizes), device, args.repeat)
 
     model = torchvision.models.resnet34().to(device)
-    x_a, x_b = aug.views(x, g)
+    x_a, x_b = aug.views(x, g, sizes)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -113,9 +116,10 @@ def main():
     print(f"augmentation / model          wall {100 * t_aug / t_model:7.1f}%  cpu {100 * c_aug / c_model:7.1f}%")
 
     if args.pil:
-        x224 = images(224, args.batch).to(device)
+        x224, sizes224 = images(224, args.batch)
+        x224 = x224.to(device)
         aug224 = data.Augmentation("cc", 224)
-        t224, _ = timed(lambda: aug224.views(x224, g), device, args.repeat)
+        t224, _ = timed(lambda: aug224.views(x224, g, sizes224), device, args.repeat)
         print(f"batched cc views at 224 px    {args.batch / t224:.0f} images/s "
               f"(two views each, from a {x224.shape[-1]} px cache)")
         folder = args.dataset if os.path.isdir(args.dataset) else os.path.join(args.data_root, args.dataset)

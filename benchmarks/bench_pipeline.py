@@ -43,9 +43,9 @@ def premade(enabled):
         for _ in range(len(images) // batch_size):
             yield x, y, idx
 
-    def views(self, x, generator):
+    def views(self, x, generator, sizes=None):
         if self.recipe not in made:
-            made[self.recipe] = REAL_VIEWS(self, x, generator)
+            made[self.recipe] = REAL_VIEWS(self, x, generator, sizes)
         return made[self.recipe]
 
     data.batches, data.Augmentation.views = batches, views
