@@ -92,12 +92,13 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None):
+                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None):
     """Load a dataset of SPEC §3 (or any image folder) as an ImageSet of uint8 images.
 
     Images are stored at S = storage_size (default image_size*256/224, the usual resize-then-crop
     margin), or at their native size when smaller (digits 8, CIFAR 32, STL-10 96).
     """
+    cache_dir = cache_dir or os.path.join(root, ".cache")  # where decoded folders are cached
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
@@ -112,22 +113,22 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     elif name == "stl10":
         ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
     elif name in IMAGENET_WNIDS:
-        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters)
+        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir)
     elif name == "tiny-imagenet":
         folder = os.path.join(root, "tiny-imagenet-200", "train")
         if not os.path.isdir(folder):
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
-        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
     elif name in DATASETS:
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively). Download it from its publisher, or pass --data-root.")
-        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
     elif os.path.isdir(name):
-        ds = _load_folder(name, root, size, max_images, seed, workers, num_clusters,
+        ds = _load_folder(name, cache_dir, size, max_images, seed, workers, num_clusters,
                           name=os.path.basename(os.path.normpath(name)))
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
@@ -247,12 +248,12 @@ def _load_stl10(root, size, max_images, seed, with_unlabeled):
     return ds, unlabeled
 
 
-def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters):
+def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir):
     wnids = IMAGENET_WNIDS[name]
     candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
     for folder in candidates:
         if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
-            return _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
+            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
     raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
                     f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
                     f"{candidates[0]}/<wnid>/)")
@@ -299,7 +300,7 @@ def _decode(path, size):
         return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
-def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name, only=None):
+def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None):
     """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
     if not os.path.isdir(folder):
         raise DataError(f"folder {folder} not found")
@@ -331,7 +332,7 @@ def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, na
     # the cache key covers the file list (paths, sizes, mtimes), the subset and the storage size
     key = json.dumps([CACHE_VERSION, os.path.abspath(folder), listing, max_images, seed, size, only])
     key = hashlib.sha1(key.encode()).hexdigest()[:16]
-    cache = os.path.join(root, ".cache", f"{name}-{size}-{key}.pt")
+    cache = os.path.join(cache_dir, f"{name}-{size}-{key}.pt")
     if os.path.exists(cache):
         try:
             # memory-mapped: starts in well under a second, and processes on one machine share the pages
