@@ -319,14 +319,28 @@ def parse_args(cls, argv=None, description=None, method=None):
     """The command line as a `cls`. With --eval-only the arguments the checkpoint was trained with
     are the defaults (dataset, data root, image size, K, the method's settings), and the flags given
     on this command line override them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # `--epoch 2` must not quietly set --epochs
+    args = vars(parser(cls, description).parse_args(argv))
+    check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
+    if args["eval_only"]:
+        given = vars(parser(cls, description, given_only=True).parse_args(argv))
+        trained = read_checkpoint(args["eval_only"], method)["args"]
+        if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
+            trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
+        args.update({k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given)
+    return cls(**args)
+
+
+def parser(cls, description=None, given_only=False):
+    """argparse for the fields of `cls`; given_only: a flag not given is left out of the result."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # `--epoch 2` must not quietly set --epochs
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_ = meta.pop("help")
         flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if given_only else f.default
         if isinstance(f.default, bool):
-            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            action = p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             action.help = f"{help_} (default: {'on' if f.default else 'off'})"  # set here: some Pythons add their own
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
@@ -334,16 +348,9 @@ def parse_args(cls, argv=None, description=None, method=None):
                 meta.setdefault("metavar", "N" if meta["type"] is int else "X")
             if "choices" in meta:  # a|b|c: argparse's {a,b,c} garbles a choice such as "pisd,cli"
                 meta.setdefault("metavar", "|".join(map(str, meta["choices"])))
-            default = "" if f.default is None else f" (default: {f.default})"  # None: the help says what happens
-            parser.add_argument(flag, default=f.default, help=help_ + default, **meta)
-    args = vars(parser.parse_args(argv))
-    check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
-    if args["eval_only"]:
-        parser.set_defaults(**{k: argparse.SUPPRESS for k in args})  # now only the flags given are parsed
-        given = vars(parser.parse_args(argv))
-        trained = read_checkpoint(args["eval_only"], method)["args"]
-        args.update({k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given)
-    return cls(**args)
+            shown = "" if f.default is None else f" (default: {f.default})"  # None: the help says what happens
+            p.add_argument(flag, default=default, help=help_ + shown, **meta)
+    return p
 
 
 def fail(message):
@@ -520,8 +527,11 @@ def run_dir(args, method):
     check(writable(out), f"cannot write in --out-dir {out}: pass --out-dir a folder you can write to")
     if args.run_name:
         path = out / args.run_name
-        check(args.resume is not None or args.eval_only or not (path / "checkpoint.pt").exists(),
+        held = path / "checkpoint.pt"
+        check(args.resume is not None or args.eval_only or not held.exists(),
               f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
+        check(args.resume in (None, "auto") or not held.exists() or (Path(args.resume).exists() and os.path.samefile(args.resume, held)),
+              f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
     else:
         base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
         number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}

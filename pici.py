@@ -229,10 +229,10 @@ def main(argv=None):
     common.check(state is None or all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "ablate")),
                  "the checkpoint was trained with other --heads/--vit/--ablate: pass the values it was trained with")
     start_epoch = common.restore(state, model, optimizer, env, gen)
-    common.check(args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
-                 f"the checkpoint's epoch {start_epoch} was in stage {state['stage']}, this schedule {lengths} puts it in "
-                 f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {tuple(state['stages'])}")
     if state:
+        common.check(args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
+                     f"the checkpoint's epoch {start_epoch} was in stage {state['stage']}, this schedule {lengths} puts it in "
+                     f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {tuple(state['stages'])}")
         logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch} (stage {state['stage']})")
     common.open_run(run_path, args, env, start_epoch)
     images = common.place_images(ds.images, args.data_on_device, env)
