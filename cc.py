@@ -39,10 +39,11 @@ class Args:
     stl10_unlabeled: bool = arg(True, "STL-10 only: also train the instance head on the 100k unlabeled images (CC paper, Sec. 4.1)")
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto: bf16 autocast on CUDA where supported, fp32 on CPU", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
-    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU (auto: when it fits)", choices=["auto", "yes", "no"])
+    data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
     save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
     resume: str = arg(None, "continue from a checkpoint path, or 'auto': the newest run folder holding a checkpoint (a fresh start when none)",
