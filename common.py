@@ -585,6 +585,7 @@ def open_run(path, args, env, epoch):
         f.write(f"{os.getpid()}\n")
         f.flush()
         _LOCKS[path.resolve()] = f
+        atexit.register(f.close)
     write_json(path / "args.json", vars(args))
     log = path / "log.jsonl"
     if log.exists():
