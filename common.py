@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import platform
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+try:
+    import fcntl  # run-folder locks; POSIX only
+except ImportError:
+    fcntl = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,18 +314,47 @@ def arg(default, help, **kwargs):
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
-def parse_args(cls, argv=None, description=None):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+# What an --eval-only run does not take from its checkpoint: where this run writes and what it runs on.
+RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic",
+            "data_on_device", "threads")
+
+
+def parse_args(cls, argv=None, description=None, method=None):
+    """The command line as a `cls`. With --eval-only the arguments the checkpoint was trained with
+    are the defaults (dataset, data root, image size, K, the method's settings), and the flags given
+    on this command line override them."""
+    args = vars(parser(cls, description).parse_args(argv))
+    check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
+    if args["eval_only"]:
+        given = vars(parser(cls, description, given_only=True).parse_args(argv))
+        trained = read_checkpoint(args["eval_only"], method)["args"]
+        if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
+            trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
+        args.update({k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given)
+    return cls(**args)
+
+
+def parser(cls, description=None, given_only=False):
+    """argparse for the fields of `cls`; given_only: a flag not given is left out of the result."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # `--epoch 2` must not quietly set --epochs
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_ = meta.pop("help")
         flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if given_only else f.default
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            action = p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action.help = f"{help_} (default: {'on' if f.default else 'off'})"  # set here: some Pythons add their own
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
-            parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})", **meta)
-    return cls(**vars(parser.parse_args(argv)))
+            if meta["type"] in (int, float):
+                meta.setdefault("metavar", "N" if meta["type"] is int else "X")
+            if "choices" in meta:  # a|b|c: argparse's {a,b,c} garbles a choice such as "pisd,cli"
+                meta.setdefault("metavar", "|".join(map(str, meta["choices"])))
+            shown = "" if f.default is None else f" (default: {f.default})"  # None: the help says what happens
+            p.add_argument(flag, default=default, help=help_ + shown, **meta)
+    return p
 
 
 def fail(message):
@@ -476,25 +512,100 @@ def predict(fn, images, transform, env, batch_size=512):
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folder, logging, checkpoints, final files (CONTRACT "What a run writes")
+# Run folder, logging, checkpoints, final files
 # ---------------------------------------------------------------------------------------------
+def writable(path):
+    """Could this process make files in `path`? Asks the nearest folder that exists; makes nothing."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
 def run_dir(args, method):
-    """<out-dir>/<run-name>. Default name <method>-<dataset>-seed<seed>, numbered -2, -3, ... for
-    new runs, so no earlier run is overwritten; `--resume auto` continues the newest one."""
+    """<out-dir>/<run-name>, chosen but not made: the folder appears when training starts (open_run),
+    so a start that fails leaves nothing behind. Default name <method>-<dataset>-seed<seed> (-eval
+    for --eval-only), numbered -2, -3, ... for new runs, so no earlier run is overwritten; `--resume
+    auto` continues the newest one that holds a checkpoint."""
     out = Path(args.out_dir)
+    check(writable(out), f"cannot write in --out-dir {out}: pass --out-dir a folder you can write to")
     if args.run_name:
         path = out / args.run_name
-        check(args.resume is not None or args.eval_only or not (path / "checkpoint.pt").exists(),
+        held = path / "checkpoint.pt"
+        check(args.resume is not None or args.eval_only or not held.exists(),
               f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
-        return path
-    base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}"
-    taken = [out / base] + sorted((p for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()), key=lambda p: int(p.name[len(base) + 1:]))
-    taken = [p for p in taken if p.exists()]
-    if args.resume == "auto" and taken:
-        return taken[-1]
-    if not taken:
-        return out / base
-    return out / f"{base}-{len(taken) + 1}"
+        check(args.resume in (None, "auto") or not held.exists() or (Path(args.resume).exists() and os.path.samefile(args.resume, held)),
+              f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
+    else:
+        base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
+        number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
+        if (out / base).exists():
+            number[out / base] = 1
+        resumable = [p for p in sorted(number, key=number.get) if (p / "checkpoint.pt").exists()]
+        if args.resume == "auto" and resumable:
+            path = resumable[-1]
+        else:
+            path = out / f"{base}-{max(number.values()) + 1}" if number else out / base
+    check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
+    holder = lock_holder(path)
+    check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
+    return path
+
+
+# Run folders this process writes, with their open lock files. A flock lock lasts until its file is
+# closed, or the process ends in any way (kill -9 included), so a stale lock never blocks a restart.
+_LOCKS = {}
+
+
+def lock_holder(path):
+    """The pid in another process's live lock on the run folder, else None."""
+    lock = Path(path) / ".lock"
+    if fcntl is None or Path(path).resolve() in _LOCKS or not lock.exists():
+        return None
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+    return None
+
+
+def open_run(path, args, env, epoch):
+    """Make the run folder now that the start has passed every check: take its lock (one writer per
+    folder), write args.json, and cut log.jsonl back to the `epoch` the run starts from, so that no
+    epoch is ever logged twice (a resumed run repeats what followed its checkpoint)."""
+    if not env.is_main:
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if fcntl is not None and path.resolve() not in _LOCKS:
+        f = open(path / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            fail(f"{path} is in use by another process (pid {f.read().strip() or 'unknown'}): wait for it to end, or pass another --run-name")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _LOCKS[path.resolve()] = f
+        atexit.register(f.close)
+    write_json(path / "args.json", vars(args))
+    log = path / "log.jsonl"
+    if log.exists():
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if logged_epoch(line) <= epoch]
+        if kept != lines:
+            tmp = log.with_name(log.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, log)
+
+
+def logged_epoch(line):
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped
 
 
 def write_json(path, obj):
@@ -525,23 +636,44 @@ def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **ex
     }
 
 
-def load_checkpoint(path, method, run_path=None):
+def read_checkpoint(path, method):
     """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's."""
-    if path == "auto":
-        path = Path(run_path) / "checkpoint.pt"
     path = Path(path)
-    check(path.is_file(), f"no checkpoint at {path}: start without --resume, or give the checkpoint's path")
+    check(path.is_file(), f"no checkpoint at {path}: give the path of a run's checkpoint.pt")
+    not_ours = f"not a checkpoint of this project: {path}"
+    check(path.stat().st_size > 0, f"{not_ours} is empty; give the path of a run's checkpoint.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        fail(f"cannot read checkpoint {path}: {e}")
-    check(state.get("method") == method, f"{path} is a checkpoint of {state.get('method')!r}, not {method!r}: use the matching script")
+    except Exception:  # a foreign or truncated file; torch's own message is advice about pickles
+        fail(f"{not_ours} cannot be read as one (a truncated copy, or another kind of file); give the path of a run's checkpoint.pt")
+    check(isinstance(state, dict) and "method" in state, f"{not_ours} holds something else; give the path of a run's checkpoint.pt")
+    check(state["method"] == method, f"{path} is a checkpoint of {state['method']!r}, not {method!r}: use {state['method']}.py")
+    check(all(k in state for k in ("epoch", "model", "args")), f"{not_ours} lacks the model, epoch or args")
     return state
 
 
+def load_checkpoint(args, method, run_path, logger):
+    """The state to start from: --eval-only's or --resume's checkpoint, or None for a fresh start.
+    `--resume auto` with no checkpoint yet starts afresh, so a scheduler can repeat one command."""
+    path = args.eval_only or args.resume
+    if path == "auto":
+        path = Path(run_path) / "checkpoint.pt"
+        if not path.exists():
+            logger.print(f"--resume auto: no checkpoint in {run_path} yet, starting from epoch 0")
+            return None
+    return read_checkpoint(path, method) if path else None
+
+
 def restore(state, model, optimizer, env, generator):
-    """Load what checkpoint_state wrote; strict, so a missing or extra weight is an error."""
-    model.load_state_dict(state["model"])
+    """Load what checkpoint_state wrote (strict: a missing or extra weight is an error) and return
+    its epoch; None (a fresh start) returns 0."""
+    if state is None:
+        return 0
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # e.g. another --num-clusters or --image-size than the checkpoint's
+        detail = str(e).strip().splitlines()[1:2] or [str(e)]
+        fail(f"the checkpoint's weights do not fit the model these flags build ({detail[0].strip()}): pass the values it was trained with")
     optimizer.load_state_dict(state["optimizer"])
     env.scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
@@ -549,23 +681,101 @@ def restore(state, model, optimizer, env, generator):
     return state["epoch"]
 
 
+def cpu_copy(obj):
+    """A copy of a state that later training steps cannot change: every tensor cloned to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class Checkpointer:
+    """checkpoint.pt holds finished epochs only, so a resumed run ends exactly as an uninterrupted
+    one (on the CPU). It is written every --save-every epochs and after the last; in between, the
+    last finished epoch is kept in memory and written when Ctrl-C, SIGTERM or an error stops the
+    run (stop_safely). A stop thus costs the epoch in progress, which the resumed run repeats; a
+    kill -9 costs the epochs since the last write. An epoch is never written over a later one."""
+
+    def __init__(self, path, env, args, epoch, state):
+        self.path, self.env, self.args, self.state = Path(path), env, args, state  # state(epoch) -> the checkpoint dict
+        self.epoch = epoch  # finished epochs
+        self.saved = epoch if self.path.exists() else None  # the epoch checkpoint.pt holds
+        self.last = None  # the last finished epoch's state, while it is not on disk
+
+    def epoch_done(self, epoch):
+        self.epoch = epoch
+        if self.env.is_main:
+            self.last = cpu_copy(self.state(epoch))  # taken first: a stop during the write still has it
+            if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
+                self.write()
+
+    def write(self):
+        if self.last is not None and (self.saved is None or self.last["epoch"] > self.saved):
+            atomic_save(self.last, self.path)
+            self.saved, self.last = self.last["epoch"], None
+
+    def stop(self, why, logger):
+        """Write the last finished epoch unless it is on disk, and say where the run stands."""
+        if not self.env.is_main:
+            return
+        ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # a second Ctrl-C must not cut the write short
+        try:
+            self.write()
+        finally:
+            for s, handler in ignored.items():
+                signal.signal(s, handler)
+        where = f"{why} in epoch {self.epoch + 1}/{self.args.epochs}"
+        if self.saved is None:
+            logger.print(f"{where}: no epoch had finished, so there is no checkpoint (--resume auto starts afresh)")
+        else:
+            logger.print(f"{where}: {self.path} holds epoch {self.saved}; --resume auto continues from there "
+                         f"(epoch {self.saved + 1} is repeated)")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def stop_safely(checkpointer, logger):
+    """Around the training loop: Ctrl-C, SIGTERM (how cluster schedulers pre-empt a job) and errors
+    end the run with its last finished epoch on disk, and a line saying where it stands."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        checkpointer.stop("stopped by Ctrl-C (SIGINT)", logger)
+        raise SystemExit(130)
+    except Terminated:
+        checkpointer.stop("stopped by SIGTERM", logger)
+        raise SystemExit(143)
+    except Exception:
+        checkpointer.stop("stopped by an error", logger)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Logger:
     """One line per epoch on the console and one JSON object per epoch in log.jsonl (rank 0); with
-    tensorboard=True every number of those records also goes to <run>/tensorboard/."""
+    tensorboard=True every number of those records also goes to <run>/tensorboard/. The folder is
+    made by open_run, when training starts."""
 
     def __init__(self, path, env, tensorboard=False, stream=None):
         self.path, self.env = Path(path), env
         self.stream = stream or sys.stdout
         self.live_line = False  # a progress line is on the terminal, not yet ended by a newline
         self.writer = None
-        if env.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                self.writer = tensorboard_writer(self.path / "tensorboard")
-                if self.writer is None:
-                    self.print("note: --tensorboard needs the tensorboard package: pip install tensorboard (this run writes no curves)")
-                else:
-                    atexit.register(self.close)  # an interrupted run keeps its last curves
+        self.tensorboard = env.is_main and tensorboard  # the writer is made with the first record: the run folder exists then
+        if self.tensorboard and not tensorboard_installed():
+            self.print("note: --tensorboard needs the tensorboard package: pip install tensorboard (this run writes no curves)")
+            self.tensorboard = False
 
     def print(self, *msg):
         if self.env.is_main:
@@ -594,8 +804,11 @@ class Logger:
 
     def scalars(self, record, step):
         """Every number of `record` to TensorBoard at `step` (the epoch); strings and None are skipped."""
-        if self.writer is None:
+        if not self.tensorboard:
             return
+        if self.writer is None:
+            self.writer = tensorboard_writer(self.path / "tensorboard")
+            atexit.register(self.close)  # an interrupted run keeps its last curves
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(scalar_tag(key), value, step)
@@ -605,15 +818,22 @@ class Logger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self.tensorboard = False
+
+
+def tensorboard_installed():
+    """Whether torch.utils.tensorboard imports: it needs the tensorboard package, an optional extra
+    not in requirements.txt."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def tensorboard_writer(folder):
-    """torch.utils.tensorboard's SummaryWriter on `folder`, or None without the tensorboard package
-    (an optional extra, not in requirements.txt)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
+    """torch.utils.tensorboard's SummaryWriter on `folder` (tensorboard_installed() must be true)."""
+    from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(folder))
 
 
@@ -874,10 +1094,12 @@ def load_data(args, env, with_unlabeled=False):
     rank 0 decodes and caches first; the others then read the cache."""
     import data
 
+    cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
+
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
-                                 storage_size=args.storage_size)
+                                 storage_size=args.storage_size, cache_dir=str(cache))
 
     try:
         if env.distributed and not env.is_main:
@@ -887,7 +1109,15 @@ def load_data(args, env, with_unlabeled=False):
             torch.distributed.barrier()
     except data.DataError as e:
         fail(str(e))
-    check(len(ds.images) >= args.batch_size, f"{ds.name} has {len(ds.images)} images, fewer than --batch-size {args.batch_size}: lower --batch-size")
+    except OSError as e:  # the decoded-image cache cannot be written, e.g. a read-only --data-root
+        where = Path(str(e.filename or "")).absolute()
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) or not (
+                where == cache or cache in where.parents or where in cache.parents):
+            raise
+        fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
+    check(args.eval_only or len(ds.images) >= args.batch_size,  # evaluation has no batch size to fill
+          f"{ds.name} has {len(ds.images)} images, fewer than --batch-size {args.batch_size}: lower --batch-size")
+    args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
     return ds
 
 

@@ -99,7 +99,7 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None):
+                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None):
     """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
 
     Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
@@ -108,6 +108,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     a smallest crop (scale 0.08: 0.28 of each side) of a large image still spans 0.57 x image_size
     stored pixels.
     """
+    cache_dir = cache_dir or os.path.join(root, ".cache")  # where decoded folders are cached
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
@@ -124,15 +125,15 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     elif name == "stl10":
         ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
     elif name in IMAGENET_WNIDS:
-        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters)
+        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir)
     elif name == "tiny-imagenet":
         folder = os.path.join(root, "tiny-imagenet-200", "train")
         if not os.path.isdir(folder):
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
-        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
     elif name == "chaoyang":
-        ds = _load_chaoyang(root, size, max_images, seed, workers)
+        ds = _load_chaoyang(root, cache_dir, size, max_images, seed, workers)
     elif name in DATASETS:
         folder = os.path.join(root, name)
         if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
@@ -143,9 +144,9 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively{published}). Download it from its publisher, or pass --data-root.")
-        ds = _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
     elif os.path.isdir(name):
-        ds = _load_folder(name, root, size, max_images, seed, workers, num_clusters,
+        ds = _load_folder(name, cache_dir, size, max_images, seed, workers, num_clusters,
                           name=os.path.basename(os.path.normpath(name)))
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
@@ -271,12 +272,12 @@ def _load_stl10(root, size, max_images, seed, with_unlabeled):
     return ds, unlabeled
 
 
-def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters):
+def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir):
     wnids = IMAGENET_WNIDS[name]
     candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
     for folder in candidates:
         if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
-            return _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
+            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
     raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
                     f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
                     f"{candidates[0]}/<wnid>/)")
@@ -319,7 +320,7 @@ def _decode(path, size):
         return np.asarray(im)
 
 
-def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, name, only=None):
+def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None):
     """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
     if not os.path.isdir(folder):
         raise DataError(f"folder {folder} not found")
@@ -351,10 +352,10 @@ def _load_folder(folder, root, size, max_images, seed, workers, num_clusters, na
                             f"(or a flat folder of images with --num-clusters)")
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
-    return _load_files(folder, root, listing, labels, classes, size, max_images, seed, workers, name)
+    return _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name)
 
 
-def _load_chaoyang(root, size, max_images, seed, workers):
+def _load_chaoyang(root, cache_dir, size, max_images, seed, workers):
     """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
     of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
     folder = os.path.join(root, "chaoyang")
@@ -384,10 +385,10 @@ def _load_chaoyang(root, size, max_images, seed, workers):
         raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
     labels = torch.tensor(labels, dtype=torch.int64)
-    return _load_files(folder, root, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang")
+    return _load_files(folder, cache_dir, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang")
 
 
-def _load_files(folder, root, listing, labels, classes, size, max_images, seed, workers, name):
+def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name):
     """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
     read them from the cache. S = min(size, the largest native side)."""
     keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
@@ -395,7 +396,7 @@ def _load_files(folder, root, listing, labels, classes, size, max_images, seed, 
     key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
            max_images, seed, size]
     key = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    cache = os.path.join(root, ".cache", f"{name}-{size}-{key}.pt")
+    cache = os.path.join(cache_dir, f"{name}-{size}-{key}.pt")
     if os.path.exists(cache):
         try:
             # memory-mapped: starts in well under a second, and processes on one machine share the pages

@@ -31,6 +31,7 @@ STAGES = {"pretrain": ("pisd",), "train": ("pisd", "instance", "cluster"), "boos
 class Args:
     dataset: str = arg("digits", "dataset name (rsod, ucmerced, aid, ...; see README) or a folder of images")
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    cache_dir: str = arg(None, "where decoded images are cached (default: <data-root>/.cache); elsewhere when --data-root is read-only")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): PICI paper, Sec. 4.1, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
@@ -62,9 +63,11 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs and at the end of each stage (0: only at the end)")
-    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
-    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
-    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto': the newest run folder holding a checkpoint (a fresh start when none)",
+                         metavar="CHECKPOINT|auto")
+    eval_only: str = arg(None, "only evaluate this checkpoint, with the arguments it was trained with (flags given override "
+                               "them, e.g. --dataset another/folder), and write the result files", metavar="CHECKPOINT")
     out_dir: str = arg("runs", "where run folders are written")
     run_name: str = arg(None, "run folder name (default: pici-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
@@ -201,7 +204,7 @@ def stage_of(epoch, lengths):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, description=__doc__)
+    args = common.parse_args(Args, argv, description=__doc__, method="pici")
     pisd, cli = "pisd" not in args.ablate, "cli" not in args.ablate
     given = [g is not None for g in (args.pretrain_epochs, args.train_epochs, args.boost_epochs)]
     common.check(all(given) or not any(given), "give all three of --pretrain-epochs, --train-epochs, --boost-epochs, or none (then --epochs is split 200:800:50)")
@@ -217,7 +220,7 @@ def main(argv=None):
                  f"--mask-ratio {args.mask_ratio} must remove at least one of the {(args.image_size // 16) ** 2} patches and keep one: use e.g. 0.5")
     common.check(args.heads == "both" or not cli, f"--heads {args.heads}: CLI needs both heads (pseudo-labels from one, targets for the other): add --ablate cli")
     env = common.Env(args, "pici")
-    run_path = common.run_dir(args, "pici")
+    run_path = common.run_dir(args, "pici")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
     aug = data.Augmentation("pici", args.image_size)  # view a weak (resize, normalise), view b CC's strong family (Sec. 3.1, 4.1)
@@ -228,34 +231,30 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling, augmentation and masking; one stream per process
     common.header(logger, "PICI", ds, env, model, run_path)
 
-    start_epoch = 0
-    if args.eval_only or args.resume:
-        state = common.load_checkpoint(args.eval_only or args.resume, "pici", run_path)
-        common.check(all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "ablate")),
-                     "the checkpoint was trained with other --heads/--vit/--ablate: pass the values it was trained with")
-        start_epoch = common.restore(state, model, optimizer, env, gen)
+    state = common.load_checkpoint(args, "pici", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
+    common.check(state is None or all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "ablate")),
+                 "the checkpoint was trained with other --heads/--vit/--ablate: pass the values it was trained with")
+    start_epoch = common.restore(state, model, optimizer, env, gen)
+    if state:
         common.check(args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
                      f"the checkpoint's epoch {start_epoch} was in stage {state['stage']}, this schedule {lengths} puts it in "
                      f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {tuple(state['stages'])}")
-        logger.print(f"resumed from epoch {start_epoch} (stage {state['stage']})")
-    if env.is_main:
-        common.write_json(run_path / "args.json", vars(args))
+        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch} (stage {state['stage']})")
+    common.open_run(run_path, args, env, start_epoch)
     images = common.place_images(ds.images, args.data_on_device, env)
     active = {"pisd": pisd, "instance": args.heads != "cluster", "cluster": args.heads != "instance", "cli": cli}
     stage_terms = {stage: [t for t in terms if active[t]] for stage, terms in STAGES.items()}  # the losses of each stage
     ends = [sum(lengths[:i + 1]) for i in range(3)]  # last epoch (1-based) of each stage
     for (stage, terms), n, end in zip(stage_terms.items(), lengths, ends):
         logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
-
-    def save(epoch):
-        if env.is_main:
-            common.atomic_save(common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
-                                                       stage=stage_of(epoch - 1, lengths) if epoch else None), run_path / "checkpoint.pt")
+    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
+                               lambda epoch: common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
+                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None))
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    try:
+    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             stage = stage_of(epoch, lengths)
             terms = stage_terms[stage]
@@ -306,13 +305,8 @@ def main(argv=None):
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)
             logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(epoch + 1)
+            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
             done = epoch + 1
-    except KeyboardInterrupt:
-        save(done)  # the weights as they are; resuming repeats the interrupted epoch
-        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
-        raise SystemExit(130)
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)

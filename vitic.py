@@ -25,6 +25,7 @@ from common import arg
 class Args:
     dataset: str = arg("digits", "dataset name (cifar10, stl10, imagenet10, ...; see README) or a folder of images")
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    cache_dir: str = arg(None, "where decoded images are cached (default: <data-root>/.cache); elsewhere when --data-root is read-only")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(128, "input size, a multiple of 16 (128 px: 8x8 tokens): ViT-IC paper, Sec. 4.1")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
@@ -45,9 +46,11 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
-    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
-    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
-    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto': the newest run folder holding a checkpoint (a fresh start when none)",
+                         metavar="CHECKPOINT|auto")
+    eval_only: str = arg(None, "only evaluate this checkpoint, with the arguments it was trained with (flags given override "
+                               "them, e.g. --dataset another/folder), and write the result files", metavar="CHECKPOINT")
     out_dir: str = arg("runs", "where run folders are written")
     run_name: str = arg(None, "run folder name (default: vitic-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
@@ -121,10 +124,10 @@ def evaluate(model, images, aug, env):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, description=__doc__)
+    args = common.parse_args(Args, argv, description=__doc__, method="vitic")
     common.check(args.image_size % 16 == 0, f"--image-size must be a multiple of 16 (the conv stem down-samples by 16), got {args.image_size}: use e.g. 32, 64 or 128")
     env = common.Env(args, "vitic")
-    run_path = common.run_dir(args, "vitic")
+    run_path = common.run_dir(args, "vitic")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
     aug = data.Augmentation("vitic", args.image_size)  # SimCLR-like views, ImageNet normalisation (Sec. 3.2; strengths from the author's code)
@@ -135,23 +138,19 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
     common.header(logger, "ViT-IC", ds, env, model, run_path)
 
-    start_epoch = 0
-    if args.eval_only or args.resume:
-        state = common.load_checkpoint(args.eval_only or args.resume, "vitic", run_path)
-        start_epoch = common.restore(state, model, optimizer, env, gen)
-        logger.print(f"resumed from epoch {start_epoch}")
-    if env.is_main:
-        common.write_json(run_path / "args.json", vars(args))
+    state = common.load_checkpoint(args, "vitic", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
+    start_epoch = common.restore(state, model, optimizer, env, gen)
+    if state:
+        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
+    common.open_run(run_path, args, env, start_epoch)
     images = common.place_images(ds.images, args.data_on_device, env)
-
-    def save(epoch):
-        if env.is_main:
-            common.atomic_save(common.checkpoint_state("vitic", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
+    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
+                               lambda epoch: common.checkpoint_state("vitic", model, optimizer, env, epoch, gen, args))
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    try:
+    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
@@ -189,13 +188,8 @@ def main(argv=None):
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)
             logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(epoch + 1)
+            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
             done = epoch + 1
-    except KeyboardInterrupt:
-        save(done)  # the weights as they are; resuming repeats the interrupted epoch
-        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
-        raise SystemExit(130)
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env)

@@ -28,6 +28,7 @@ VITS = {"tiny": (192, 4), "small": (384, 8), "base": (768, 12)}  # width, blocks
 class Args:
     dataset: str = arg("digits", "dataset name (rsod, ucmerced, aid, dtd, ...; see README) or a folder of images")
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
+    cache_dir: str = arg(None, "where decoded images are cached (default: <data-root>/.cache); elsewhere when --data-root is read-only")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
@@ -52,9 +53,11 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
-    save_every: int = arg(10, "write the checkpoint every N epochs (and always at the end)")
-    resume: str = arg(None, "continue from a checkpoint path, or 'auto' for <out-dir>/<run-name>/checkpoint.pt")
-    eval_only: str = arg(None, "only evaluate this checkpoint and write the result files")
+    save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
+    resume: str = arg(None, "continue from a checkpoint path, or 'auto': the newest run folder holding a checkpoint (a fresh start when none)",
+                         metavar="CHECKPOINT|auto")
+    eval_only: str = arg(None, "only evaluate this checkpoint, with the arguments it was trained with (flags given override "
+                               "them, e.g. --dataset another/folder), and write the result files", metavar="CHECKPOINT")
     out_dir: str = arg("runs", "where run folders are written")
     run_name: str = arg(None, "run folder name (default: vtcc-<dataset>-seed<seed>, numbered when taken)")
     max_images: int = arg(None, "train on a class-balanced subset of this many images (quick runs)", type=int)
@@ -136,11 +139,11 @@ def evaluate(model, images, aug, env, num_clusters, seed):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, description=__doc__)
+    args = common.parse_args(Args, argv, description=__doc__, method="vtcc")
     common.check(args.image_size % 16 == 0 and args.image_size >= 16,
                  f"--image-size {args.image_size} is not a multiple of 16 (the ViT stem down-samples by 16): use e.g. 32, 64, 128 or 224")
     env = common.Env(args, "vtcc")
-    run_path = common.run_dir(args, "vtcc")
+    run_path = common.run_dir(args, "vtcc")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
     aug = data.Augmentation("vtcc", args.image_size)  # BYOL's asymmetric views, ImageNet normalisation (Sec. III-A)
@@ -150,26 +153,22 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
     common.header(logger, "VTCC", ds, env, model, run_path)
 
-    start_epoch = 0
-    if args.eval_only or args.resume:
-        state = common.load_checkpoint(args.eval_only or args.resume, "vtcc", run_path)
-        common.check(all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "stem")),
-                     "the checkpoint was trained with other --heads/--vit/--stem: pass the values it was trained with")
-        start_epoch = common.restore(state, model, optimizer, env, gen)
-        logger.print(f"resumed from epoch {start_epoch}")
-    if env.is_main:
-        common.write_json(run_path / "args.json", vars(args))
+    state = common.load_checkpoint(args, "vtcc", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
+    common.check(state is None or all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "stem")),
+                 "the checkpoint was trained with other --heads/--vit/--stem: pass the values it was trained with")
+    start_epoch = common.restore(state, model, optimizer, env, gen)
+    if state:
+        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
+    common.open_run(run_path, args, env, start_epoch)
     images = common.place_images(ds.images, args.data_on_device, env)
     terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]
-
-    def save(epoch):
-        if env.is_main:
-            common.atomic_save(common.checkpoint_state("vtcc", model, optimizer, env, epoch, gen, args), run_path / "checkpoint.pt")
+    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
+                               lambda epoch: common.checkpoint_state("vtcc", model, optimizer, env, epoch, gen, args))
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    try:
+    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
@@ -203,13 +202,8 @@ def main(argv=None):
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)
             logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(epoch + 1)
+            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
             done = epoch + 1
-    except KeyboardInterrupt:
-        save(done)  # the weights as they are; resuming repeats the interrupted epoch
-        logger.print(f"interrupted: checkpoint written to {run_path / 'checkpoint.pt'} (resume with --resume auto)")
-        raise SystemExit(130)
 
     if env.is_main:
         pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)

@@ -171,9 +171,10 @@ def test_duration_past_a_day():
 # --- 2. TensorBoard -------------------------------------------------------------------------------
 def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
-    assert common.tensorboard_writer(tmp_path / "tb") is None
+    assert not common.tensorboard_installed()
     stream = Stream(tty=False)
     logger = common.Logger(tmp_path / "run", types.SimpleNamespace(is_main=True), tensorboard=True, stream=stream)
+    (tmp_path / "run").mkdir()  # open_run makes it when training starts
     logger.log({"epoch": 1, "loss": 1.0})
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and "pip install tensorboard" in lines[0]
@@ -182,6 +183,7 @@ def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_logger_sends_every_number_to_tensorboard(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "tensorboard_writer", Recorder)
+    monkeypatch.setattr(common, "tensorboard_installed", lambda: True)  # whether or not this machine has the package
     logger = common.Logger(tmp_path, types.SimpleNamespace(is_main=True), tensorboard=True, stream=Stream(False))
     logger.log({"epoch": 3, "stage": "train", "loss": 2.5, "loss_instance": 2.0, "lr": 3e-4, "img_per_s": 100.0, "nmi": None,
                 "acc": 0.5, "empty": 2, "cli_agreement": 0.75})
@@ -276,6 +278,7 @@ def runs(image_folder, tmp_path_factory):
             writers, stream, threads = [], Stream(tty=True), torch.get_num_threads()
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(common, "tensorboard_writer", lambda folder: writers.append(Recorder(folder)) or writers[-1])
+                mp.setattr(common, "tensorboard_installed", lambda: True)
                 mp.setattr(common.Progress, "delay", 0.0)
                 mp.setattr(common.Progress, "refresh", 0.0)
                 mp.setattr(sys, "stdout", stream)
