@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cc
+import common
 import data
 import dcsc
 import pici
@@ -126,7 +127,6 @@ def test_recipes_by_dataset():
 def test_every_script_has_the_recipe_flag_with_the_paper_as_default(method):
     args = method.Args()
     assert args.recipe == "paper"
-    parsed = __import__("common").parse_args(method.Args, ["--recipe", "authors"])
-    assert parsed.recipe == "authors"
+    assert common.parse_args(method.Args, ["--recipe", "authors"]).recipe == "authors"
     with pytest.raises(SystemExit):
-        __import__("common").parse_args(method.Args, ["--recipe", "mine"])
+        common.parse_args(method.Args, ["--recipe", "mine"])
