@@ -5,7 +5,17 @@ A ResNet34 embeds two augmented views of each image; an instance head is trained
 the rows of the feature matrix and a cluster head with NT-Xent on its columns (soft cluster
 assignments), plus an entropy term against collapse. The cluster head's argmax is the clustering.
 
+Paper versus the authors' code (github.com/Yunfan-Li/Contrastive-Clustering), in one place:
+- Augmentations: the paper names the five operations and defers their settings to SimCLR (Sec. 3.1)
+  and drops the blur on the small-image datasets (Sec. 4.1.2); the code fixes the rest (colour
+  strength s = 0.5 on CIFAR and Tiny-ImageNet, 1.0 elsewhere; blur p 0.5, kernel 23). The code is
+  the paper's setting, so `--recipe paper` and `--recipe authors` are the same recipe.
+- STL-10: the 100k unlabeled images train the instance head only, in a pass of their own before
+  each epoch (paper, Sec. 4.1.1; the code's separate STL-10 training script).
+- Not reproduced: the code's ACC shifts cluster ids when cluster 0 is empty (a bug).
+
 Usage: python cc.py --dataset cifar10 --epochs 1000
+       python cc.py --dataset cifar10 --views aug-raw     (Table 3)      --heads instance   (Table 4)
        python cc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
 import time
@@ -19,6 +29,26 @@ import torchvision
 import common
 import data
 from common import arg
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation recipe, as data. CC paper, Sec. 3.1: ResizedCrop, ColorJitter, Grayscale,
+# HorizontalFlip and GaussianBlur, "each augmentation is applied independently with a certain
+# probability following the setting in SimCLR"; both views are i.i.d. draws of the same family.
+# Sec. 4.1.2: no GaussianBlur on the small-image collections (up-scaling already blurs them).
+# The strengths are SimCLR's with colour strength s, which the authors' code sets per dataset.
+# ---------------------------------------------------------------------------------------------
+NO_BLUR = ("digits", "cifar10", "cifar100", "stl10", "tiny-imagenet")  # Sec. 4.1.2 (digits: 8 px, up-scaled too)
+HALF_STRENGTH = ("cifar10", "cifar100", "tiny-imagenet")  # s = 0.5 in the authors' code (SimCLR's CIFAR value)
+
+
+def recipe(name, dataset):
+    """The two views of `--recipe name` for `dataset` (a dataset name, or a folder's name). CC's
+    public code is its paper's setting: "paper" and "authors" are one recipe."""
+    s = 0.5 if dataset in HALF_STRENGTH else 1.0
+    view = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_jitter=0.8, p_grey=0.2,
+                     p_blur=0.0 if dataset in NO_BLUR else 0.5, sigma=(0.1, 2.0), p_solarize=0.0,
+                     norm=None)  # inputs stay in [0, 1]: the code normalises nothing
+    return {"views": (view, view)}
 
 
 @dataclass
@@ -39,6 +69,13 @@ class Args:
     backbone: str = arg("resnet34", "ResNet depth: CC paper uses ResNet34 (Sec. 4.2); Table 5 compares 18/34/50",
                         choices=["resnet18", "resnet34", "resnet50"])
     stl10_unlabeled: bool = arg(True, "STL-10 only: also train the instance head on the 100k unlabeled images (CC paper, Sec. 4.1)")
+    recipe: str = arg("paper", "augmentation recipe: paper (Sec. 3.1, 4.1.2) or authors; CC's public code is its paper, "
+                      "so both give the same views", choices=["paper", "authors"])
+    views: str = arg("aug-aug", "the two inputs, CC paper Table 3: aug-aug = T^a(x) + T^b(x) (the method); aug-raw = "
+                     "T^a(x) + x; raw-raw = x + x, where x is the raw image: the whole image resized, as at evaluation",
+                     choices=["aug-aug", "aug-raw", "raw-raw"])
+    heads: str = arg("both", "contrastive heads trained, CC paper Table 4: both (Eq. 7); instance only (clusters by k-means "
+                     "on the instance features, Sec. 4.4.2); cluster only", choices=["both", "instance", "cluster"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
@@ -58,24 +95,29 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
     tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
     export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
-                                       "the representation the clustering reads (the backbone output)")
+                                       "the representation the clustering reads (the backbone output; with --heads instance the instance head's)")
 
 
 class Network(nn.Module):
     """ResNet backbone with the fc layer removed (CC paper, Sec. 3.1, Fig. 2), an instance head
-    (two-layer MLP to the row space) and a cluster head (two-layer MLP to K, softmax)."""
+    (two-layer MLP to the row space) and a cluster head (two-layer MLP to K, softmax). A head left
+    out (Table 4) is None."""
 
-    def __init__(self, num_clusters, image_size=224, backbone="resnet34", feature_dim=128):
+    def __init__(self, num_clusters, image_size=224, backbone="resnet34", feature_dim=128, heads="both"):
         super().__init__()
         self.backbone = getattr(torchvision.models, backbone)(weights=None)  # random init (Sec. 4.2: from scratch)
         width = self.backbone.fc.in_features  # 512 for ResNet18/34, 2048 for ResNet50
         self.backbone.fc = nn.Identity()
-        self.instance_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, feature_dim))
-        self.cluster_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_clusters), nn.Softmax(dim=1))
+        self.instance_head = (nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, feature_dim))
+                              if heads != "cluster" else None)
+        self.cluster_head = (nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_clusters), nn.Softmax(dim=1))
+                             if heads != "instance" else None)
 
     def forward(self, x):
         h = self.backbone(x)
-        return self.instance_head(h), self.cluster_head(h)  # z (B, 128), p (B, K)
+        z = self.instance_head(h) if self.instance_head is not None else None
+        p = self.cluster_head(h) if self.cluster_head is not None else None
+        return z, p  # z (B, 128), p (B, K)
 
 
 def instance_loss(z_a, z_b, temperature):
@@ -107,9 +149,14 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     return contrastive + entropy  # Eq. (6)
 
 
-def evaluate(model, images, aug, env):
-    """Cluster = argmax of the cluster head on the deterministic eval view: the whole image resized."""
+def evaluate(model, images, aug, env, num_clusters, seed):
+    """Cluster = argmax of the cluster head on the deterministic eval view (the whole image resized);
+    without a cluster head, k-means on the instance head's features (CC paper, Sec. 4.4.2)."""
     model.eval()
+    if model.cluster_head is None:
+        out = common.predict(lambda x: {"z": model.instance_head(model.backbone(x))}, images, aug.eval, env)
+        model.train()
+        return common.kmeans(out["z"], num_clusters, seed)
     out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
     model.train()
     conf, pred = out["p"].max(dim=1)
@@ -121,11 +168,14 @@ def main(argv=None):
     env = common.Env(args, "cc")
     run_path = common.run_dir(args, "cc")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
-    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
-    s, blur = data.cc_strength(ds.name)  # colour strength s and blur per dataset (CC paper, Sec. 4.2: s = 0.5 on CIFAR and Tiny-ImageNet, no blur on small images)
-    aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
-    unlabeled = ds.unlabeled  # None but for STL-10
-    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim), env,
+    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and args.heads != "cluster")
+    augmented = recipe(args.recipe, ds.name)["views"]
+    raw = data.View(norm=augmented[0].norm)  # Table 3's x: nothing random, the whole image resized as at evaluation
+    views = {"aug-aug": augmented, "aug-raw": (augmented[0], raw), "raw-raw": (raw, raw)}[args.views]
+    terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]  # Table 4
+    aug = data.Augmentation(views, args.image_size)
+    unlabeled = ds.unlabeled  # None but for STL-10 (it trains the instance head: none without one)
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim, args.heads), env,
                                 channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
     optimizer = common.adam(model.parameters(), args.lr, env)
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
@@ -146,7 +196,7 @@ def main(argv=None):
     with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
-            totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
+            totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (Sec. 4.1)
                 for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps):
@@ -162,22 +212,27 @@ def main(argv=None):
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
-                z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
-                loss_instance = instance_loss(z_a, z_b, args.instance_temperature)
-                loss_cluster = cluster_loss(p_a, p_b, args.cluster_temperature)
-                env.step(loss_instance + loss_cluster, optimizer)  # Eq. (7)
-                totals += torch.stack([loss_instance.detach(), loss_cluster.detach()])
+                losses = []
+                if "instance" in terms:
+                    z_a, z_b = common.gather(z_a, z_b, env=env)  # the global batch, with gradients
+                    losses.append(instance_loss(z_a, z_b, args.instance_temperature))
+                if "cluster" in terms:
+                    p_a, p_b = common.gather(p_a, p_b, env=env)
+                    losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
+                losses = torch.stack(losses)
+                env.step(losses.sum(), optimizer)  # Eq. (7)
+                totals += losses.detach()
                 steps += 1
 
-            loss_instance, loss_cluster = (totals / steps).tolist()
+            means = (totals / steps).tolist()
             seconds = time.perf_counter() - t0
             train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
-            record = {"epoch": epoch + 1, "loss": loss_instance + loss_cluster, "loss_instance": loss_instance,
-                      "loss_cluster": loss_cluster, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
+            record = {"epoch": epoch + 1, "loss": sum(means), **{f"loss_{t}": m for t, m in zip(terms, means)},
+                      "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
             if not torch.isfinite(torch.tensor(record["loss"])):
                 common.fail_nonfinite(epoch + 1, run_path)
             if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-                pred, _ = evaluate(model, ds.images, aug, env)
+                pred, _ = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)
             logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
@@ -185,9 +240,10 @@ def main(argv=None):
             done = epoch + 1
 
     if env.is_main:
-        pred, conf = evaluate(model, ds.images, aug, env)
-        if args.export_features:  # the cluster head's input
-            common.export_features(run_path, model.backbone, model, ds.images, aug.eval, env)
+        pred, conf = evaluate(model, ds.images, aug, env, ds.num_classes, args.seed)
+        if args.export_features:  # what evaluate clusters: the cluster head's input, or k-means' features
+            features = model.backbone if model.cluster_head is not None else lambda x: model.instance_head(model.backbone(x))
+            common.export_features(run_path, features, model, ds.images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 

@@ -130,3 +130,38 @@ def check_resume(script, tmp_path, image_folder, *args, epochs=2):
     assert log(tmp_path / "full") == log(tmp_path / "part")
     assert "final: NMI" in full
     return a
+
+
+@pytest.fixture
+def fake_stl10(monkeypatch, image_folder):
+    """`--dataset stl10` reads the test images, and a copy of them (in reverse order) as STL-10's
+    unlabeled split when the script asks for it: for the scripts' handling of the 100k unlabeled
+    images. In-process runs (`module.main(argv)`) only."""
+    import data
+
+    real = data.load_dataset
+
+    def load(name, *args, with_unlabeled=False, **kwargs):
+        if str(name) != "stl10":
+            return real(name, *args, with_unlabeled=with_unlabeled, **kwargs)
+        ds = real(image_folder, *args, **kwargs)
+        ds.name, ds.unlabeled = "stl10", ds.images.flip(0).clone() if with_unlabeled else None
+        return ds
+
+    monkeypatch.setattr(data, "load_dataset", load)
+
+
+def adam_steps(checkpoint):
+    """How many optimiser steps a run took, from its checkpoint (Adam counts them per parameter)."""
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)["optimizer"]["state"]
+    return int(next(iter(state.values()))["step"])
+
+
+def in_process(module, *args, out_dir, data_root):
+    """Run `module.main` in this process on the CPU (one thread) and return the run folder's final.json."""
+    argv = [*map(str, args), "--out-dir", str(out_dir), "--data-root", str(data_root), "--device", "cpu", "--threads", "1"]
+    module.main(argv)
+    name = argv[argv.index("--run-name") + 1]
+    return json.loads((Path(out_dir) / name / "final.json").read_text())

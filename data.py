@@ -3,13 +3,14 @@
 Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
 augmented a whole batch at a time on the training device: the random parameters come from a seeded
 CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling, and no
-DataLoader workers are needed. Every image is kept whole, squashed to S x S, with its original
-height and width beside it (ds.sizes): the authors run RandomResizedCrop on the full original image
-and evaluate on the whole image resized to size x size, and so do we (crop boxes are drawn in the
-original's frame and mapped into the stored square).
+DataLoader workers are needed. Which ops, how strong and how often is each method's recipe,
+declared as data (two `View`s) in the method's own file. Every image is kept whole, squashed to
+S x S, with its original height and width beside it (ds.sizes): the authors run RandomResizedCrop
+on the full original image and evaluate on the whole image resized to size x size, and so do we
+(crop boxes are drawn in the original's frame and mapped into the stored square).
 
     ds = load_dataset("ucmerced", root="./data", image_size=224)
-    aug = Augmentation("cc", 224, *cc_strength("ucmerced"))
+    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5), View(crop=(0.08, 1.0), flip=0.5)), 224)
     for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
         x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
 """
@@ -698,85 +699,99 @@ def color_jitter(x, factors, order, apply):
     return x
 
 
-# recipes (SPEC §2): per view, probabilities of jitter, grey, blur, solarize; jitter strengths
-_BYOL = dict(jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2)
+@dataclass(frozen=True)
+class View:
+    """One view's random transform, as data: each method file declares its recipe as two Views.
+
+    Applied in this order, each op with its own probability per sample: crop (RandomResizedCrop's
+    area scale; None = the whole image resized, the eval transform), horizontal flip, ColorJitter
+    (brightness, contrast, saturation, hue strengths, applied with p_jitter, its four ops in random
+    order), grayscale, Gaussian blur (sigma ~ U(sigma)), solarize (threshold 0.5), then normalise
+    with norm = (mean, std), or keep [0, 1] when None. Flip commutes with every later op, so a
+    recipe that flips last (BYOL's) gives the same images. The defaults do nothing.
+    """
+    crop: tuple | None = None
+    flip: float = 0.0
+    jitter: tuple = (0.0, 0.0, 0.0, 0.0)
+    p_jitter: float = 0.0
+    p_grey: float = 0.0
+    p_blur: float = 0.0
+    sigma: tuple = (0.1, 2.0)
+    p_solarize: float = 0.0
+    norm: tuple | None = None
+
+    @property
+    def random(self):
+        """False for a view with nothing to draw (the whole image resized and normalised)."""
+        return self.crop is not None or any(p > 0 for p in (self.flip, self.p_jitter, self.p_grey, self.p_blur, self.p_solarize))
 
 
-def _recipe_views(recipe, s, blur):
-    cc = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_jitter=0.8, p_gray=0.2,
-              p_blur=0.5 if blur else 0.0, p_solarize=0.0)
-    if recipe == "cc":
-        return [cc, cc]
-    if recipe == "vtcc":  # BYOL's asymmetric views (the paper; the authors' code blurs both at p 1.0)
-        return [dict(_BYOL, p_blur=1.0, p_solarize=0.0), dict(_BYOL, p_blur=0.1, p_solarize=0.2)]
-    if recipe == "vitic":  # the authors' code: blur p 0.8 both views, solarize view 2 only
-        return [dict(_BYOL, p_blur=0.8, p_solarize=0.0), dict(_BYOL, p_blur=0.8, p_solarize=0.2)]
-    if recipe == "pici":  # view a weak (= eval), view b strong (CC's family)
-        return [None, cc]
-    raise ValueError(f"unknown augmentation recipe '{recipe}': use cc, vtcc, vitic or pici")
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistics
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one view of n images, drawn in a fixed order from generator g (CPU)."""
-    boxes = sample_crop_boxes(n, height, width, g)
-    flip = torch.rand(n, generator=g) < 0.5
-    jitter = torch.rand(n, generator=g) < view["p_jitter"]
-    factors, order = sample_jitter(n, view["jitter"], g)
-    gray = torch.rand(n, generator=g) < view["p_gray"]
-    blur = torch.rand(n, generator=g) < view["p_blur"]
-    sigma = _uniform(n, 0.1, 2.0, g)
-    solar = torch.rand(n, generator=g) < view["p_solarize"]
+    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU)."""
+    whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
+                                 torch.as_tensor(width).expand(n)], 1).long()  # the whole original
+    boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole()
+    flip = torch.rand(n, generator=g) < view.flip
+    jitter = torch.rand(n, generator=g) < view.p_jitter
+    factors, order = sample_jitter(n, view.jitter, g)
+    gray = torch.rand(n, generator=g) < view.p_grey
+    blur = torch.rand(n, generator=g) < view.p_blur
+    sigma = _uniform(n, *view.sigma, g)
+    solar = torch.rand(n, generator=g) < view.p_solarize
     return dict(boxes=boxes, flip=flip, jitter=jitter, factors=factors, order=order, gray=gray, blur=blur,
                 sigma=sigma, solarize=solar)
 
 
 class Augmentation:
-    """Two random views of a batch of whole uint8 images on its own device.
+    """Two random views of a batch of whole uint8 images on its own device, as a recipe of two Views
+    describes them.
 
-    recipe: "cc" (CC, DCSC; output in [0, 1]), "vtcc", "vitic" (BYOL's asymmetric views), "pici"
-    (weak + strong view); the last three are ImageNet-normalised. s and blur set the CC family's
-    colour strength and blur switch (cc_strength). The blur kernel is an odd ~10% of image_size
-    (23 at 224 px as in the papers, scaled down for smaller images as torchvision users do).
+    recipe: (View, View), declared in each method file. The eval transform is the whole image
+    resized with the recipe's normalisation (both views must share it). The blur kernel is an odd
+    ~10% of image_size (23 at 224 px as in the papers, scaled down for smaller images as
+    torchvision users do).
     """
 
-    def __init__(self, recipe, image_size, s=1.0, blur=True):
-        self.recipe, self.size, self.s, self.blur = recipe, image_size, s, blur
-        self.view_params = _recipe_views(recipe, s, blur)
+    def __init__(self, recipe, image_size):
+        recipe = tuple(recipe)
+        if len(recipe) != 2 or not all(isinstance(v, View) for v in recipe):
+            raise ValueError(f"an augmentation recipe is two data.View, got {recipe!r}")
+        if recipe[0].norm != recipe[1].norm:
+            raise ValueError("the two views of a recipe must share the normalisation: the eval transform uses it")
+        self.recipe, self.size = recipe, image_size
         self.kernel = blur_kernel_size(image_size)
-        self.norm = recipe != "cc"
+        self.norm = recipe[0].norm
 
     def views(self, x, generator, sizes=None):
         """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
         -> two float32 (B, 3, size, size) views on x's device."""
-        a = self.eval(x) if self.view_params[0] is None else self.view(x, generator, self.view_params[0], sizes)
-        return a, self.view(x, generator, self.view_params[1], sizes)
+        return self.view(x, generator, self.recipe[0], sizes), self.view(x, generator, self.recipe[1], sizes)
 
-    def view(self, x, g, p, sizes=None):
+    def view(self, x, g, v, sizes=None):
+        """One View of the batch; a view with nothing random is the eval transform and draws nothing from g."""
+        if not v.random:
+            return self.eval(x)
         n, s = len(x), x.shape[-1]
         sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original's width x height, as RandomResizedCrop on the full image, then cut from the same
         # part of the stored square
-        q = sample_view(n, sizes[:, 0], sizes[:, 1], g, p)
+        q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         boxes = stored_boxes(q["boxes"], sizes, s)
-        # flip is applied right after the crop in every recipe: it commutes with the colour ops,
-        # the symmetric blur and solarize, so BYOL's flip-last order gives the same images
+        # flip is applied right after the crop: it commutes with the colour ops, the symmetric blur
+        # and solarize, so BYOL's flip-last order gives the same images
         x = resized_crop(x, boxes, self.size, flip=q["flip"])
         x = color_jitter(x, q["factors"], q["order"], q["jitter"])
         x = _on(x, q["gray"], grayscale)
         x = _on(x, q["blur"], lambda z, s: gaussian_blur(z, self.kernel, s), q["sigma"])
         x = _on(x, q["solarize"], solarize)
-        return normalize(x) if self.norm else x
+        return normalize(x, *v.norm) if v.norm else x
 
     def eval(self, x):
         """Deterministic: the whole image resized to image_size, plus the recipe's normalisation."""
         x = resize(x, self.size)
-        return normalize(x) if self.norm else x
+        return normalize(x, *self.norm) if self.norm else x
 
-
-def cc_strength(name):
-    """CC/DCSC colour strength s and blur switch per dataset (SPEC §2)."""
-    s = 0.5 if name in ("cifar10", "cifar100", "tiny-imagenet") else 1.0
-    # no blur where images are up-scaled from a small size (already blurred) and for STL-10
-    blur = name not in ("digits", "cifar10", "cifar100", "tiny-imagenet", "stl10")
-    return s, blur

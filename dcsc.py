@@ -8,7 +8,18 @@ with NT-Xent on the columns of its soft assignments (CLC) plus an entropy regula
 asymmetric semantic branch, a projector (Sproj) and a predictor (Spred) over K_s over-clusters,
 contrasted across views (SLC). The cluster head's argmax is the clustering.
 
+Paper versus the authors' code, in one place: the DCSC authors published no code, so everything here
+is read from the paper. Where it is silent or ambiguous:
+- Augmentations: "the same augmentation strategy ... used in [21, 35]" (Sec. 4.2), i.e. CC's, whose
+  public code fixes the strengths; `--recipe paper` and `--recipe authors` are that one recipe.
+- s(p, q) of Eq. (3.4) is "the Jensen-Shannon divergence or KL divergence" (Sec. 3.1): used as a
+  similarity, s = -JS(p, q) (default) or s = -KL(p || q); cosine is kept as an option.
+- STL-10: the unlabeled 100k images train Fproj (FLC) in a pass of their own, as CC does; the paper
+  does not say so, but its 120 GPU-hours for STL-10 against 55 for CIFAR-10 imply them.
+- CR's printed sign (Eq. 3.6) would minimise the entropy; the code maximises it (see cr_loss).
+
 Usage: python dcsc.py --dataset cifar10 --epochs 1000
+       python dcsc.py --dataset cifar10 --ablate slc      (Table 2: k-means on Fproj's features)
        python dcsc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
 import math
@@ -23,6 +34,25 @@ import torchvision
 import common
 import data
 from common import arg
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation recipe, as data. DCSC paper, Sec. 4.2: "the same augmentation strategy and backbone
+# encoder used in [21, 35]" (CC and SimCLR): ResizedCrop, HorizontalFlip, ColorJitter, Grayscale
+# or GaussianBlur. That is CC's recipe (CC paper, Sec. 3.1 and 4.1.2), with the strengths of CC's
+# public code: colour strength s per dataset, no blur on the small-image datasets.
+# ---------------------------------------------------------------------------------------------
+NO_BLUR = ("digits", "cifar10", "cifar100", "stl10", "tiny-imagenet")  # up-scaled images are blurred already
+HALF_STRENGTH = ("cifar10", "cifar100", "tiny-imagenet")  # CC's s = 0.5
+
+
+def recipe(name, dataset):
+    """The two views of `--recipe name` for `dataset` (a dataset name, or a folder's name). DCSC has
+    no public code: "paper" and "authors" are one recipe, CC's."""
+    s = 0.5 if dataset in HALF_STRENGTH else 1.0
+    view = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_jitter=0.8, p_grey=0.2,
+                     p_blur=0.0 if dataset in NO_BLUR else 0.5, sigma=(0.1, 2.0), p_solarize=0.0,
+                     norm=None)  # inputs stay in [0, 1], as CC's
+    return {"views": (view, view)}
 
 
 @dataclass
@@ -44,11 +74,17 @@ class Args:
     feature_dim: int = arg(128, "instance head (Fproj) output size: DCSC paper, Sec. 4.2")
     overcluster: int = arg(None, "K_s, the semantic head's number of over-clusters (default 70, 700 for tiny-imagenet): "
                                  "DCSC paper, Sec. 4.2", type=int)
-    slc_similarity: str = arg("cosine", "s(p, q) in Eq. (3.4): cosine similarity, or js = minus the Jensen-Shannon "
-                                        "divergence (the paper's alternative, Sec. 3.1)", choices=["cosine", "js"])
-    ablate: str = arg(None, "remove one part, as the rows of DCSC Tables 2-4: flc, clc (with CR; k-means on Fproj's "
-                            "features gives the clusters, Sec. 4.4.1), slc, predictor (Spred), bn (BN in every head)",
-                      type=str, choices=["flc", "clc", "slc", "predictor", "bn"])
+    slc_similarity: str = arg("js", "s(p, q) in Eq. (3.4), DCSC paper, Sec. 3.1: \"the Jensen-Shannon divergence or KL "
+                                    "divergence\" of the two distributions, as a similarity: js = -JS(p, q), kl = "
+                                    "-KL(p || q); cosine = the cosine of the two probability vectors",
+                              choices=["js", "kl", "cosine"])
+    ablate: str = arg(None, "remove one part, as the rows of DCSC Tables 2-4: flc, clc (with CR), slc, predictor (Spred), "
+                            "bn (BN in every head); without clc or slc, k-means on Fproj's features gives the clusters "
+                            "(Sec. 4.4.1)", type=str, choices=["flc", "clc", "slc", "predictor", "bn"])
+    stl10_unlabeled: bool = arg(True, "STL-10 only: also train Fproj (FLC) on the 100k unlabeled images, as CC does; the "
+                                      "paper's 120 GPU-hours for STL-10 against 55 for CIFAR-10 (Sec. 4.2) imply them")
+    recipe: str = arg("paper", "augmentation recipe: paper (CC's, Sec. 4.2) or authors; DCSC has no public code, so both "
+                      "give the same views", choices=["paper", "authors"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
@@ -68,7 +104,7 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
     tensorboard: bool = arg(False, "also write every logged number to <run>/tensorboard/ (needs: pip install tensorboard)")
     export_features: bool = arg(False, "write features.npy beside assignments.csv: float16, one row per image in dataset order, "
-                                       "the representation the clustering reads (the backbone output; with --ablate clc the instance head's)")
+                                       "the representation the clustering reads (the backbone output; with --ablate clc or slc the instance head's)")
 
 
 def mlp(d_in, d_hidden, d_out, bn=True):
@@ -122,16 +158,20 @@ def clc_loss(c_a, c_b, temperature):
 
 
 def pairwise_similarity(p, q, kind, eps=1e-8):
-    """(N, K) x (M, K) probability rows -> (N, M) similarities s(p_i, q_j) of Eq. (3.4)."""
+    """(N, K) x (M, K) probability rows -> (N, M) similarities s(p_i, q_j) of Eq. (3.4); the clamps
+    keep values and gradients finite where a probability is 0."""
     if kind == "cosine":
         return F.normalize(p, dim=1) @ F.normalize(q, dim=1).T
-    # -JS(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; the clamp keeps gradients finite at 0
-    entropy = lambda x: -(x * torch.log(x.clamp_min(eps))).sum(dim=-1)
-    m = (p[:, None] + q[None]) / 2  # (N, M, K)
-    return -(entropy(m) - (entropy(p)[:, None] + entropy(q)[None]) / 2)
+    if kind == "kl":  # -KL(p || q) = sum_k p log q - sum_k p log p
+        return p @ torch.log(q.clamp_min(eps)).T - (p * torch.log(p.clamp_min(eps))).sum(dim=1, keepdim=True)
+    if kind == "js":  # -JS(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2
+        entropy = lambda x: -(x * torch.log(x.clamp_min(eps))).sum(dim=-1)
+        m = (p[:, None] + q[None]) / 2  # (N, M, K)
+        return -(entropy(m) - (entropy(p)[:, None] + entropy(q)[None]) / 2)
+    raise ValueError(f"unknown similarity {kind!r}: use js, kl or cosine")
 
 
-def slc_loss(p_a, q_a, p_b, q_b, temperature, similarity="cosine"):
+def slc_loss(p_a, q_a, p_b, q_b, temperature, similarity="js"):
     """Semantic-level contrastive loss (DCSC paper, Eq. 3.4-3.5), transcribed literally.
 
     p = the predictor's probabilities, q = the semantic head's, per view. For instance i, view a:
@@ -162,7 +202,7 @@ def cr_loss(c_a, c_b, eps=1e-8):
 
 def evaluate(model, images, aug, env, kmeans_clusters=None, seed=1):
     """Cluster = argmax of the cluster head on the deterministic eval view (the whole image resized); without the
-    cluster-level loss, k-means on the instance head's features (DCSC paper, Sec. 4.4.1)."""
+    cluster- or the semantic-level loss, k-means on the instance head's features (DCSC paper, Sec. 4.4.1)."""
     model.eval()
     head = model.cluster_head if kmeans_clusters is None else model.instance_head
     out = common.predict(lambda x: {"y": head(model.backbone(x))}, images, aug.eval, env)
@@ -179,15 +219,16 @@ def main(argv=None):
     env = common.Env(args, "dcsc")
     run_path = common.run_dir(args, "dcsc")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
-    ds = common.load_data(args, env)
-    s, blur = data.cc_strength(ds.name)  # CC's augmentations (DCSC paper, Sec. 4.2)
-    aug = data.Augmentation("cc", args.image_size, s=s, blur=blur)
-    overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
     use = {part: args.ablate != part for part in ("flc", "clc", "slc")}
-    kmeans_clusters = None if use["clc"] else ds.num_classes
+    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and use["flc"])
+    aug = data.Augmentation(recipe(args.recipe, ds.name)["views"], args.image_size)
+    unlabeled = ds.unlabeled  # None but for STL-10
+    overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
+    # Sec. 4.4.1: "K-means is performed ... in the embedding feature space ... after removing the CLC/SLC loss"
+    kmeans_clusters = ds.num_classes if args.ablate in ("clc", "slc") else None
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim, overcluster,
                                         predictor=args.ablate != "predictor", bn=args.ablate != "bn"), env,
-                                channels_last=True, compile=args.compile, find_unused=not all(use.values()))
+                                channels_last=True, compile=args.compile, find_unused=not all(use.values()) or unlabeled is not None)
     optimizer = common.adam(model.parameters(), args.lr, env)
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
     common.header(logger, "DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, env, model, run_path)
@@ -203,12 +244,21 @@ def main(argv=None):
 
     zero = torch.zeros((), device=env.device)
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
-    epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
+    epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(4, device=env.device)  # read once per epoch: no per-step sync
+            if unlabeled is not None:  # STL-10's unlabeled split trains Fproj only, as in CC
+                for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+                                        device=env.device), epoch, epoch_steps):
+                    x_a, x_b = aug.views(x, gen)
+                    with env.autocast():
+                        z_a = net(x_a)[0]
+                        z_b = net(x_b)[0]
+                    z_a, z_b = common.gather(z_a, z_b, env=env)
+                    env.step(flc_loss(z_a, z_b, args.instance_temperature), optimizer)
             for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals, weights=[1, 1, 1, args.cr_weight]):
                 x_a, x_b = aug.views(x, gen, ds.sizes[idx])

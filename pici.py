@@ -8,9 +8,27 @@ reconstruction (PISD); then add CC's instance and cluster contrastive losses on 
 then boost with PICD plus a cross-entropy from k-means pseudo-labels of the instance features to the
 cluster head (CLI). The cluster head's argmax on the unmasked weak view is the clustering.
 
+Paper versus the authors' code (github.com/Regan-Zhang/PICI), in one place:
+- Augmentations: the paper's view a is weak (resize and normalise only), view b strong (ResizedCrop,
+  ColorJitter, Grayscale, HorizontalFlip, GaussianBlur; Sec. 3.1, 4.1) without strengths; the
+  code's weak/strong transform fixes them (BYOL's first view) and is `--recipe paper`. The code's
+  training script, which gave the published numbers, uses two strong BYOL views instead, the
+  second with solarize p 0.2: `--recipe authors`.
+- CLI: the paper runs k-means on each view's instance features (Eq. 12-13), matches each to that
+  view's cluster assignments (Eq. 14) and takes the cross-entropy per view (Eq. 15), once per
+  boosting epoch (Algorithm 1, line 14); so does this script. The code computes the pseudo-labels
+  once, at the first boosting epoch, on min-max-scaled features, matches them mini-batch by
+  mini-batch, and applies a second softmax inside its cross-entropy.
+- Position embeddings: learnable 1-D in the paper (Sec. 3.2.1), fixed sin-cos in the code; here
+  learnable, started from sin-cos.
+- Not reproduced: the code masks half of the patches at test time too; the paper does not (Sec. 4.1).
+- The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
+
 Usage: python pici.py --dataset ucmerced --epochs 1050
+       python pici.py --dataset ucmerced --recipe authors     (two strong views, as the training script)
        python pici.py --image-size 32 --epochs 3 --batch-size 96   (quick look on digits, CPU: one epoch per stage)
 """
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -25,6 +43,24 @@ from common import arg
 
 VITS = {"tiny": (192, 4), "small": (384, 6), "base": (768, 12)}  # width, blocks (PICI paper, Table 5; 12 heads each)
 STAGES = {"pretrain": ("pisd",), "train": ("pisd", "instance", "cluster"), "boost": ("instance", "cluster", "cli")}  # Algorithm 1
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation recipes, as data. PICI paper, Sec. 3.1 and 4.1: view a weak, "merely resizes and
+# normalizes the images" (the whole image resized); view b strong, drawn from ResizedCrop,
+# ColorJitter, Grayscale, HorizontalFlip and GaussianBlur. The strengths are the authors' code's
+# weak/strong transform (BYOL's first view): RandomResizedCrop 0.08-1, ColorJitter(0.4, 0.4, 0.2,
+# 0.1) p 0.8, grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 1.0, flip; ImageNet normalisation.
+# The authors' training script uses BYOL's two strong views (the second also solarizes, p 0.2).
+# ---------------------------------------------------------------------------------------------
+WEAK = data.View(norm=data.IMAGENET)  # nothing random: the whole image resized, as at evaluation
+STRONG = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_grey=0.2, p_blur=1.0,
+                   sigma=(0.1, 2.0), p_solarize=0.0, norm=data.IMAGENET)
+RECIPES = {"paper": (WEAK, STRONG), "authors": (STRONG, dataclasses.replace(STRONG, p_solarize=0.2))}
+
+
+def recipe(name, dataset=None):
+    """The two views of `--recipe name` (the same for every dataset)."""
+    return {"views": RECIPES[name]}
 
 
 @dataclass
@@ -55,6 +91,12 @@ class Args:
                       "ResNet34: cc.py); 'pisd' alone is not in the table", choices=["none", "pisd", "cli", "pisd,cli"])
     heads: str = arg("both", "projectors trained: both, Eq. (2); Table 7 trains one only (instance: clusters by k-means on "
                      "its features); one head needs --ablate cli, since CLI links the two", choices=["both", "instance", "cluster"])
+    recipe: str = arg("paper", "augmentation recipe: paper = view a weak (the whole image resized), view b strong (Sec. 3.1, "
+                      "4.1; strengths from the authors' weak/strong transform); authors = two strong BYOL views, the "
+                      "second with solarize p 0.2, as the authors' training script", choices=list(RECIPES))
+    cli_targets: str = arg("per-view", "CLI pseudo-labels: per-view = for each view, k-means on its instance features over "
+                           "the whole dataset (view b: one random draw) matched to its own cluster assignments, Eq. (12)-(15); "
+                           "weak = the weak view's (the whole image's) targets for both views", choices=["per-view", "weak"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation, masking, k-means)")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
@@ -140,11 +182,11 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     return contrastive + entropy  # Eq. (11)
 
 
-def cli_loss(p_a, p_b, targets, eps=1e-8):
+def cli_loss(p_a, p_b, targets_a, targets_b, eps=1e-8):
     """Cross-level interaction (PICI paper, Sec. 3.3, Eq. 15): cross-entropy of each view's cluster
-    probabilities against the matched pseudo-label (one per image, for both views). The log is taken
-    of the softmax probabilities themselves, not of a second softmax; mean over the samples."""
-    nll = [F.nll_loss(torch.log(p.float().clamp_min(eps)), targets) for p in (p_a, p_b)]
+    probabilities against that view's matched pseudo-labels (one per image). The log is taken of the
+    softmax probabilities themselves, not of a second softmax; mean over the samples."""
+    nll = [F.nll_loss(torch.log(p.float().clamp_min(eps)), t) for p, t in ((p_a, targets_a), (p_b, targets_b))]
     return (nll[0] + nll[1]) / 2  # Eq. (15): 1/2 sum over the views
 
 
@@ -165,20 +207,37 @@ def pseudo_labels(z, p, num_clusters, seed):
     return match_labels(pseudo, p.argmax(dim=1), num_clusters)  # Eq. (14) and the matching
 
 
-def embed(model, images, aug, env):
-    """Instance features and cluster probabilities of every image: the deterministic weak view, the
-    whole image (no masking at test, Sec. 4.1), eval mode."""
+def embed(model, images, transform, env):
+    """Instance features and cluster probabilities of every image under `transform` (a uint8 batch
+    to the model's input), unmasked (no masking at test, Sec. 4.1), eval mode."""
     fn = lambda x: {k: v for k, v in zip("zp", model(x)[:2]) if v is not None}
     model.eval()
-    out = common.predict(fn, images, aug.eval, env)
+    out = common.predict(fn, images, transform, env)
     model.train()
     return out
+
+
+def cli_targets(model, images, aug, env, num_clusters, seed, generator, per_view=True):
+    """The pseudo-labels of a boosting epoch (PICI paper, Sec. 3.3, Eq. 12-14), computed at its start
+    over the whole dataset: for each view k, k-means on the instance features of every image under
+    that view (the weak view as it is, a random view as one draw from `generator`), renamed to match
+    view k's cluster-head argmax. per_view=False: the weak view's (the whole image's) targets for both.
+    Returns the targets (2, N) and the share of images whose target is their head's argmax."""
+    transforms = [lambda x, v=v: aug.view(x, generator, v) for v in aug.recipe] if per_view else [aug.eval]
+    targets, agreement = [], []
+    for transform in transforms:
+        out = embed(model, images, transform, env)
+        targets.append(pseudo_labels(out["z"], out["p"], num_clusters, seed))
+        agreement.append((targets[-1] == out["p"].argmax(dim=1)).float().mean().item())
+    if not per_view:
+        targets, agreement = targets * 2, agreement * 2
+    return torch.stack(targets), sum(agreement) / 2
 
 
 def evaluate(model, images, aug, env, num_clusters, seed):
     """Cluster = argmax of the cluster-MLP (Algorithm 1, lines 18-20); without a cluster-MLP, k-means
     on the instance-MLP's features (PICI paper, Sec. 4.4.3)."""
-    out = embed(model, images, aug, env)
+    out = embed(model, images, aug.eval, env)
     if "p" not in out:
         return common.kmeans(out["z"], num_clusters, seed)
     conf, pred = out["p"].max(dim=1)
@@ -223,7 +282,7 @@ def main(argv=None):
     run_path = common.run_dir(args, "pici")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
-    aug = data.Augmentation("pici", args.image_size)  # view a weak (resize, normalise), view b CC's strong family (Sec. 3.1, 4.1)
+    aug = data.Augmentation(recipe(args.recipe)["views"], args.image_size)
     # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads), env,
                                 compile=args.compile, find_unused=True)
@@ -261,11 +320,11 @@ def main(argv=None):
             parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting
             t0, steps, extra = time.perf_counter(), 0, {}
             if "cli" in terms:  # pseudo-labels of the whole dataset at the start of each boosting epoch (Eq. 12-14)
-                targets = torch.empty(len(ds.images), dtype=torch.long, device=env.device)
+                targets = torch.empty(2, len(ds.images), dtype=torch.long, device=env.device)  # per view
                 if env.is_main:
-                    out = embed(model, images, aug, env)
-                    targets.copy_(pseudo_labels(out["z"], out["p"], ds.num_classes, args.seed + epoch))
-                    extra["cli_agreement"] = (targets.cpu() == out["p"].argmax(dim=1)).float().mean().item()
+                    t, extra["cli_agreement"] = cli_targets(model, images, aug, env, ds.num_classes, args.seed + epoch, gen,
+                                                            per_view=args.cli_targets == "per-view")
+                    targets.copy_(t)
                 if env.distributed:
                     torch.distributed.broadcast(targets, src=0)
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
@@ -286,7 +345,8 @@ def main(argv=None):
                     p_a, p_b = common.gather(p_a, p_b, env=env)
                     losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
                 if "cli" in terms:
-                    losses.append(cli_loss(p_a, p_b, common.gather(targets[idx.to(env.device)], env=env)))
+                    t_a, t_b = common.gather(*targets[:, idx.to(env.device)], env=env)
+                    losses.append(cli_loss(p_a, p_b, t_a, t_b))
                 losses = torch.stack(losses)
                 env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16
                 totals += losses.detach()

@@ -190,18 +190,20 @@ def test_pici_reconstruction_loss_matches_eq_1_and_ignores_visible_patches(batch
 def test_pici_cli_loss_matches_eq_15(n, k):
     g = torch.Generator().manual_seed(n)
     p_a, p_b = softmax_rows(n, k, g, 1.0), softmax_rows(n, k, g, 1.0)
-    targets = torch.randint(k, (n,), generator=g)
-    # Eq. (15): the cross-entropy of each view's cluster probabilities with the pseudo-labels, mean of the two views
-    loop = 0.5 * sum(-sum(math.log(p[i, targets[i]].item()) for i in range(n)) / n for p in (p_a, p_b))
-    loss = pici.cli_loss(p_a, p_b, targets)
+    t_a, t_b = torch.randint(k, (n,), generator=g), torch.randint(k, (n,), generator=g)
+    # Eq. (15): -1/2 sum over views k of the mean over samples of log C^k at the view's own pseudo-label p~^k
+    loop = 0.5 * sum(-sum(math.log(p[i, t[i]].item()) for i in range(n)) / n for p, t in ((p_a, t_a), (p_b, t_b)))
+    loss = pici.cli_loss(p_a, p_b, t_a, t_b)
     assert loss.item() == pytest.approx(loop, rel=1e-6)
-    second_softmax = (F.cross_entropy(p_a, targets) + F.cross_entropy(p_b, targets)) / 2
+    assert loss.item() != pytest.approx(pici.cli_loss(p_a, p_b, t_a, t_a).item(), rel=1e-3)  # view b uses its own targets
+    second_softmax = (F.cross_entropy(p_a, t_a) + F.cross_entropy(p_b, t_b)) / 2
     assert loss.item() != pytest.approx(second_softmax.item(), rel=1e-3)  # the log is of p itself, not of softmax(p)
 
 
 def test_pici_cli_loss_finite_gradient_at_zero_probability():
     logits, p = underflowing_softmax(5, 3, 2, torch.Generator().manual_seed(2))
-    loss = pici.cli_loss(p, p, torch.tensor([2, 0, 1, 2, 0]))  # two targets sit on a zero probability
+    targets = torch.tensor([2, 0, 1, 2, 0])
+    loss = pici.cli_loss(p, p, targets, targets.flip(0))  # targets sit on a zero probability
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
@@ -213,6 +215,30 @@ def neg_js(p, q):
     m = (p + q) / 2
     kl = lambda x, y: sum(float(x[k] * math.log(x[k] / y[k])) for k in range(len(x)) if x[k] > 0)
     return -(kl(p, m) + kl(q, m)) / 2
+
+
+def neg_kl(p, q):
+    """s(p, q) = -KL(p || q) = -sum_k p_k log(p_k / q_k) (DCSC Sec. 3.1: "or KL divergence")."""
+    return -sum(float(p[k] * math.log(p[k] / q[k])) for k in range(len(p)) if p[k] > 0)
+
+
+SIMILARITIES = {"cosine": cos, "js": neg_js, "kl": neg_kl}
+
+
+@pytest.mark.parametrize("similarity", ["js", "kl"])
+def test_dcsc_divergence_similarities_match_their_definitions(similarity):
+    g = torch.Generator().manual_seed(11)
+    p, q = softmax_rows(5, 6, g), softmax_rows(4, 6, g)
+    got = dcsc.pairwise_similarity(p, q, similarity)
+    s = SIMILARITIES[similarity]
+    expected = torch.tensor([[s(p[i], q[j]) for j in range(4)] for i in range(5)], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(torch.diagonal(dcsc.pairwise_similarity(p, p, similarity)), torch.zeros(5, dtype=torch.float64))
+    assert (got < 0).all()  # a divergence is positive between different distributions: s is negative
+    if similarity == "kl":  # KL is not symmetric: s(p, q) != s(q, p)
+        assert not torch.allclose(got[:4, :4], dcsc.pairwise_similarity(q, p[:4], "kl").T)
+    else:
+        torch.testing.assert_close(got[:4, :4], dcsc.pairwise_similarity(q, p[:4], "js").T)
 
 
 def slc_loop(p_a, q_a, p_b, q_b, tau, s):
@@ -244,12 +270,12 @@ def test_dcsc_clc_matches_eq_3_3(n, k, tau):
     assert dcsc.clc_loss(c_a, c_b, tau).item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "js"])
+@pytest.mark.parametrize("similarity", ["cosine", "js", "kl"])
 @pytest.mark.parametrize("n,k,tau", [(2, 3, 1.0), (5, 4, 0.5), (6, 7, 0.2)])
 def test_dcsc_slc_matches_eq_3_4_and_3_5(n, k, tau, similarity):
     g = torch.Generator().manual_seed(n * k)
     p_a, q_a, p_b, q_b = (softmax_rows(n, k, g) for _ in range(4))
-    s = cos if similarity == "cosine" else neg_js
+    s = SIMILARITIES[similarity]
     got = dcsc.slc_loss(p_a, q_a, p_b, q_b, tau, similarity=similarity).item()
     assert got == pytest.approx(slc_loop(p_a, q_a, p_b, q_b, tau, s), rel=1e-5)
 
@@ -284,7 +310,7 @@ def test_dcsc_invariances():
     assert dcsc.flc_loss(z_a[perm], z_b[perm], 0.2).item() == pytest.approx(dcsc.flc_loss(z_a, z_b, 0.2).item(), rel=1e-6)
     assert dcsc.clc_loss(c_a[perm], c_b[perm], 1.0).item() == pytest.approx(dcsc.clc_loss(c_a, c_b, 1.0).item(), rel=1e-6)
     assert dcsc.cr_loss(c_a[perm], c_b[perm]).item() == pytest.approx(dcsc.cr_loss(c_a, c_b).item(), rel=1e-6)
-    for s in ("cosine", "js"):
+    for s in ("cosine", "js", "kl"):
         before = dcsc.slc_loss(p_a, q_a, p_b, q_b, 1.0, s).item()
         assert dcsc.slc_loss(p_a[perm], q_a[perm], p_b[perm], q_b[perm], 1.0, s).item() == pytest.approx(before, rel=1e-6)
     cols = torch.randperm(k, generator=g)  # cluster names are arbitrary
@@ -293,7 +319,7 @@ def test_dcsc_invariances():
     assert dcsc.flc_loss(z_a[perm], z_b, 0.2).item() != pytest.approx(dcsc.flc_loss(z_a, z_b, 0.2).item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "js"])
+@pytest.mark.parametrize("similarity", ["cosine", "js", "kl"])
 def test_dcsc_finite_gradients_with_an_empty_cluster(similarity):
     g = torch.Generator().manual_seed(5)
     (la, c_a), (lb, c_b), (lp, p_a), (lq, q_a) = (underflowing_softmax(6, 4, 1, g) for _ in range(4))
@@ -314,7 +340,7 @@ def test_dcsc_agreement_beats_random():
     rand_a, rand_b = softmax_rows(n, k, g).float(), softmax_rows(n, k, g).float()
     assert dcsc.clc_loss(one_hot, one_hot, 1.0) < dcsc.clc_loss(rand_a, rand_b, 1.0)
     assert dcsc.cr_loss(one_hot, one_hot) < dcsc.cr_loss(rand_a, rand_b)
-    for s in ("cosine", "js"):
+    for s in ("cosine", "js", "kl"):
         sharp = F.one_hot(torch.arange(n) % 16, 16).float() * 0.97 + 0.03 / 16  # distinct instances, distinct rows
         r = [softmax_rows(n, 16, g).float() for _ in range(4)]
         assert dcsc.slc_loss(sharp, sharp, sharp, sharp, 1.0, s) < dcsc.slc_loss(*r, 1.0, s)

@@ -6,9 +6,21 @@ is trained with NT-Xent on the rows of the feature matrix and a cluster head wit
 columns (soft cluster assignments), plus an entropy term against collapse, as in Contrastive
 Clustering. The cluster head's argmax is the clustering.
 
+Paper versus the author's code (github.com/RyanLow/vitic), in one place:
+- Instance features: the paper measures cosine similarity (Eq. 1-2), so they are L2-normalised
+  (`--recipe paper`); the code feeds the raw projections to the loss, dot products over tau
+  (`--recipe authors`; the published numbers came from the code).
+- Augmentations: the paper names the operations only (Sec. 3.2: ResizedCrop, ColorJitter,
+  Grayscale, GaussianBlur, HorizontalFlip, Solarize); the code's strengths are used by both recipes.
+- STL-10: "both labeled and unlabeled images" (Sec. 4.2); the code shuffles the 100k unlabeled
+  images into the training set with both losses; so does this script (evaluation: labeled only).
+- The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (13 at 128 px).
+
 Usage: python vitic.py --dataset cifar10 --epochs 1000
+       python vitic.py --dataset cifar10 --recipe authors   (unnormalised instance features, as the code)
        python vitic.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -19,6 +31,24 @@ import torch.nn.functional as F
 import common
 import data
 from common import arg
+
+# ---------------------------------------------------------------------------------------------
+# Recipes, as data. ViT-IC paper, Sec. 3.2: two transforms drawn from ResizedCrop, ColorJitter,
+# Grayscale, GaussianBlur, HorizontalFlip and Solarize, "similar to the setting in SimCLR", no
+# strengths given: those of the author's code, BYOL-like views with blur p 0.8 on both and
+# solarize on the second; ImageNet normalisation. The recipes differ in one setting only: whether
+# the instance features are L2-normalised before the loss (the paper's cosine, Eq. 1; the code: not).
+# ---------------------------------------------------------------------------------------------
+VIEW_1 = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_grey=0.2, p_blur=0.8,
+                   sigma=(0.1, 2.0), p_solarize=0.0, norm=data.IMAGENET)
+VIEW_2 = dataclasses.replace(VIEW_1, p_solarize=0.2)
+RECIPES = {"paper": {"views": (VIEW_1, VIEW_2), "normalize": True},
+           "authors": {"views": (VIEW_1, VIEW_2), "normalize": False}}
+
+
+def recipe(name, dataset=None):
+    """The views and the instance-feature normalisation of `--recipe name` (the same for every dataset)."""
+    return RECIPES[name]
 
 
 @dataclass
@@ -36,8 +66,12 @@ class Args:
     instance_temperature: float = arg(0.5, "tau_I of the instance loss: ViT-IC paper, Sec. 4.1")
     cluster_temperature: float = arg(1.0, "tau_C of the cluster loss: ViT-IC paper, Sec. 4.1")
     feature_dim: int = arg(128, "instance head output size: ViT-IC paper, Sec. 4.1")
-    stl10_unlabeled: bool = arg(True, "STL-10 only: also train on the 100k unlabeled images (ViT-IC paper, Sec. 4.2; how is "
-                                      "not said: as in CC, which ViT-IC follows, they train the instance head only)")
+    stl10_unlabeled: bool = arg(True, "STL-10 only: the 100k unlabeled images join the shuffled training set, trained with "
+                                      "both losses (ViT-IC paper, Sec. 4.2: \"both labeled and unlabeled images\"; how: the "
+                                      "author's code); evaluation uses the 13k labeled images")
+    recipe: str = arg("paper", "paper: instance features L2-normalised (cosine similarity, Eq. 1-2); authors: not normalised, "
+                      "as the author's code; the augmentations are the code's in both (Sec. 3.2 gives none)",
+                      choices=list(RECIPES))
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
@@ -70,7 +104,7 @@ class Network(nn.Module):
     """ViT backbone (conv stem, 8 blocks, width 288, 12 heads, fixed sin-cos positions, CLS token;
     ViT-IC paper, Sec. 3.1 and 4.1), an instance head (3 layers, 1344 hidden, to 128) and a cluster
     head (the same to K, softmax). The instance features are L2-normalised inside instance_loss
-    (cosine similarity, Eq. 1; the author's code omits the normalisation)."""
+    (cosine similarity, Eq. 1), unless --recipe authors (the author's code omits the normalisation)."""
 
     def __init__(self, num_clusters, image_size=128, feature_dim=128, hidden=1344):
         super().__init__()
@@ -83,13 +117,16 @@ class Network(nn.Module):
         return self.instance_head(h), self.cluster_head(h)  # z (B, 128), p (B, K)
 
 
-def instance_loss(z_a, z_b, temperature):
+def instance_loss(z_a, z_b, temperature, normalize=True):
     """NT-Xent over the 2N augmented samples (ViT-IC paper, Sec. 3.3.1, Eq. 1-3).
 
     Each row's positive is its other view; the denominator holds the other 2N-1 rows. Eq. (2) as
     printed sums over all j, so it also counts the row's similarity with itself; we exclude it, as
-    CC does (ViT-IC adopts CC's loss, and the CC authors confirmed the exclusion)."""
-    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
+    CC does (ViT-IC adopts CC's loss, and the CC authors confirmed the exclusion). normalize=False
+    is the author's code: dot products of the raw features instead of the cosine of Eq. (1)."""
+    z = torch.cat([z_a, z_b]).float()
+    if normalize:
+        z = F.normalize(z, dim=1)  # (2N, d): cosine similarity, Eq. (1)
     n = len(z_a)
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # dropped from Eq. (2)'s sum, as in CC
     sim = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
@@ -114,6 +151,15 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     return contrastive + entropy  # Eq. (5)
 
 
+def training_images(ds):
+    """The images trained on and their originals' (height, width): the dataset's, and STL-10's
+    unlabeled split when loaded, in one tensor that the batches shuffle together (the author's code
+    concatenates the three splits). The unlabeled originals are 96 x 96 like the labeled ones."""
+    if ds.unlabeled is None:
+        return ds.images, ds.sizes
+    return torch.cat([ds.images, ds.unlabeled]), torch.cat([ds.sizes, ds.sizes[:1].expand(len(ds.unlabeled), 2)])
+
+
 def evaluate(model, images, aug, env):
     """Cluster = argmax of the cluster head on the deterministic eval view: the whole image resized."""
     model.eval()
@@ -130,10 +176,10 @@ def main(argv=None):
     run_path = common.run_dir(args, "vitic")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
-    aug = data.Augmentation("vitic", args.image_size)  # SimCLR-like views, ImageNet normalisation (Sec. 3.2; strengths from the author's code)
-    unlabeled = ds.unlabeled  # None but for STL-10
+    settings = recipe(args.recipe)
+    aug = data.Augmentation(settings["views"], args.image_size)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), env,
-                                channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
+                                channels_last=True, compile=args.compile)
     optimizer = common.adam(model.parameters(), args.lr, env)
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
     common.header(logger, "ViT-IC", ds, env, model, run_path)
@@ -143,34 +189,27 @@ def main(argv=None):
     if state:
         logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
     common.open_run(run_path, args, env, start_epoch)
-    images = common.place_images(ds.images, args.data_on_device, env)
+    train_images, train_sizes = training_images(ds)  # STL-10: the labeled and unlabeled images, shuffled together
+    ds.unlabeled = None  # held once, in train_images
+    images = common.place_images(train_images, args.data_on_device, env)
     ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
                                lambda epoch: common.checkpoint_state("vitic", model, optimizer, env, epoch, gen, args))
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
-    epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
+    epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             t0, steps = time.perf_counter(), 0
             totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
-            if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (as in CC)
-                for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps):
-                    x_a, x_b = aug.views(x, gen)
-                    with env.autocast():
-                        z_a, _ = net(x_a)
-                        z_b, _ = net(x_b)
-                    z_a, z_b = common.gather(z_a, z_b, env=env)
-                    env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
             for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
-                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
+                x_a, x_b = aug.views(x, gen, train_sizes[idx])
                 with env.autocast():
                     z_a, p_a = net(x_a)  # two backbone calls, as the author's code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
                 z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
-                loss_instance = instance_loss(z_a, z_b, args.instance_temperature)
+                loss_instance = instance_loss(z_a, z_b, args.instance_temperature, settings["normalize"])
                 loss_cluster = cluster_loss(p_a, p_b, args.cluster_temperature)
                 env.step(loss_instance + loss_cluster, optimizer)  # Eq. (6)
                 totals += torch.stack([loss_instance.detach(), loss_cluster.detach()])

@@ -8,6 +8,7 @@ The goal is augmentation time < 10% of the model's. Images: --dataset (UC Merced
 """
 
 import argparse
+import importlib
 import os
 import sys
 import statistics
@@ -74,7 +75,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=64, help="image size of the views")
     p.add_argument("--batch", type=int, default=256, help="images per batch (two views each)")
-    p.add_argument("--recipe", default="cc", help="augmentation recipe: cc, vtcc, vitic or pici")
+    p.add_argument("--method", default="cc", choices=["cc", "vtcc", "vitic", "pici", "dcsc"],
+                   help="whose augmentation recipe (the paper's, as declared in the method's file)")
     p.add_argument("--dataset", default="ucmerced", help="dataset name or image folder for real pixels (random pixels when absent)")
     p.add_argument("--data-root", default="./data", help="where named datasets live and the decoded-image cache goes")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats (median reported)")
@@ -86,7 +88,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, recipe {args.recipe}")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, recipe of {args.method}")
+    recipe = lambda method: importlib.import_module(method).recipe("paper", args.dataset)["views"]
 
     def images(size, n):
         """Whole images (n, 3, S, S) at the default storage size and their originals' (height, width)."""
@@ -97,7 +100,7 @@ def main():
 
     x, sizes = images(args.size, args.batch)
     x = x.to(device)
-    aug = data.Augmentation(args.recipe, args.size)
+    aug = data.Augmentation(recipe(args.method), args.size)
     g = torch.Generator().manual_seed(0)
     t_aug, c_aug = timed(lambda: aug.views(x, g, sizes), device, args.repeat)
 
@@ -118,7 +121,7 @@ def main():
     if args.pil:
         x224, sizes224 = images(224, args.batch)
         x224 = x224.to(device)
-        aug224 = data.Augmentation("cc", 224)
+        aug224 = data.Augmentation(recipe("cc"), 224)
         t224, _ = timed(lambda: aug224.views(x224, g, sizes224), device, args.repeat)
         print(f"batched cc views at 224 px    {args.batch / t224:.0f} images/s "
               f"(two views each, from a {x224.shape[-1]} px cache)")

@@ -1,5 +1,6 @@
 """dcsc.py beyond its losses (those are in test_losses.py): parameter counts, the ablations, and an
 end-to-end CPU run with exact resume."""
+import csv
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import common
 import data
 import dcsc
-from conftest import check_resume, run_script
+from conftest import adam_steps, check_resume, in_process, run_script
 
 
 # --- network -----------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def test_kmeans_evaluation_without_the_cluster_loss():
     env = common.Env(args, "dcsc")
     model = dcsc.Network(num_clusters=3, image_size=32, overcluster=6)
     images = torch.randint(0, 256, (40, 3, 36, 36), dtype=torch.uint8)
-    aug = data.Augmentation("cc", 32)
+    aug = data.Augmentation(dcsc.recipe("paper", "shapes")["views"], 32)
     pred, conf = dcsc.evaluate(model, images, aug, env, kmeans_clusters=3, seed=1)
     assert model.training  # evaluate puts the model back in training mode
     model.eval()
@@ -72,14 +73,53 @@ def test_end_to_end_resumes_exactly(tmp_path, image_folder):
     assert log[0]["nmi"] is not None and final["epochs"] == 2
 
 
-def test_ablation_clc_uses_kmeans(tmp_path, image_folder):
-    out = run_script("dcsc.py", "--dataset", image_folder, "--max-images", 64, "--image-size", 32, "--batch-size", 32,
-                     "--epochs", 1, "--ablate", "clc", "--run-name", "a", out_dir=tmp_path, data_root=tmp_path / "data")
-    assert "DCSC w/o clc" in out and "final: NMI" in out
-    record = json.loads((tmp_path / "a" / "log.jsonl").read_text())
-    assert record["loss_clc"] == 0 and record["loss_cr"] == 0 and record["loss_flc"] > 0 and record["loss_slc"] > 0
-    final = json.loads((tmp_path / "a" / "final.json").read_text())
+def kmeans_of_the_checkpoint(run, image_folder, data_root, **network):
+    """The clusters of k-means on the run's trained Fproj features of the whole images."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    model = dcsc.Network(num_clusters=8, image_size=32, **network)
+    model.load_state_dict(state["model"])
+    ds = data.load_dataset(image_folder, root=data_root, image_size=32, max_images=64)
+    model.eval()
+    with torch.no_grad():
+        features = model.instance_head(model.backbone(data.Augmentation(dcsc.recipe("paper", ds.name)["views"], 32).eval(ds.images)))
+    return common.kmeans(features, 8, seed=1)[0].tolist()
+
+
+@pytest.mark.parametrize("part,zero", [("clc", ["loss_clc", "loss_cr"]), ("slc", ["loss_slc"])])
+def test_ablations_without_clc_or_slc_cluster_by_kmeans(tmp_path, image_folder, part, zero):
+    """Table 2's rows w/o CLC and w/o SLC: 'K-means ... after removing the CLC/SLC loss' (Sec. 4.4.1)."""
+    final = in_process(dcsc, "--dataset", image_folder, "--max-images", 64, "--image-size", 32, "--batch-size", 32,
+                       "--epochs", 1, "--ablate", part, "--run-name", part, out_dir=tmp_path, data_root=tmp_path / "data")
+    record = json.loads((tmp_path / part / "log.jsonl").read_text())
+    assert all(record[k] == 0 for k in zero) and all(record[k] > 0 for k in ("loss_flc", "loss_clc", "loss_slc", "loss_cr") if k not in zero)
     assert final["epochs"] == 1 and 0 <= final["nmi"] <= 1
+    with open(tmp_path / part / "assignments.csv") as f:
+        clusters = [int(row["cluster"]) for row in csv.DictReader(f)]
+    assert clusters == kmeans_of_the_checkpoint(tmp_path / part, image_folder, tmp_path / "data")
+
+
+def test_ablation_flc_keeps_the_cluster_head(tmp_path, image_folder):
+    in_process(dcsc, "--dataset", image_folder, "--max-images", 64, "--image-size", 32, "--batch-size", 32,
+               "--epochs", 1, "--ablate", "flc", "--slc-similarity", "kl", "--run-name", "flc", out_dir=tmp_path, data_root=tmp_path / "data")
+    record = json.loads((tmp_path / "flc" / "log.jsonl").read_text())
+    assert record["loss_flc"] == 0 and record["loss_slc"] != 0
+    with open(tmp_path / "flc" / "assignments.csv") as f:
+        confidence = [float(row["confidence"]) for row in csv.DictReader(f)]
+    assert max(confidence) <= 1 and len(confidence) == 64
+
+
+def test_slc_similarity_default_is_js():
+    assert dcsc.Args().slc_similarity == "js"
+    assert common.parse_args(dcsc.Args, ["--slc-similarity", "kl"]).slc_similarity == "kl"
+
+
+def test_stl10_unlabeled_trains_fproj_in_a_pass_of_its_own(tmp_path, fake_stl10):
+    """As CC: 64 labeled + 64 unlabeled images in batches of 32 give 4 steps; --no-stl10-unlabeled 2."""
+    tiny = ["--dataset", "stl10", "--max-images", 64, "--image-size", 32, "--batch-size", 32, "--epochs", 1]
+    in_process(dcsc, *tiny, "--run-name", "u", out_dir=tmp_path, data_root=tmp_path / "data")
+    in_process(dcsc, *tiny, "--no-stl10-unlabeled", "--run-name", "l", out_dir=tmp_path, data_root=tmp_path / "data")
+    assert adam_steps(tmp_path / "u" / "checkpoint.pt") == 4 and adam_steps(tmp_path / "l" / "checkpoint.pt") == 2
+    assert len((tmp_path / "u" / "assignments.csv").read_text().splitlines()) == 65  # evaluated on the labeled images
 
 
 @pytest.mark.parametrize("bad,word", [(["--overcluster", "1"], "overcluster"), (["--batch-size", "1"], "batch-size"),

@@ -52,7 +52,7 @@ def method_losses(name, a, b, extra, env):
     if name == "pici":
         z_a, z_b, p_a, p_b, rec_a, rec_b = common.gather(a["z"], b["z"], a["p"], b["p"], a["rec"], b["rec"], env=env)
         targets, patches, mask = extra
-        return [m.instance_loss(z_a, z_b, 0.5), m.cluster_loss(p_a, p_b, 1.0), m.cli_loss(p_a, p_b, targets),
+        return [m.instance_loss(z_a, z_b, 0.5), m.cluster_loss(p_a, p_b, 1.0), m.cli_loss(p_a, p_b, targets, targets.roll(1)),
                 m.reconstruction_loss(rec_a, patches, mask) + m.reconstruction_loss(rec_b, patches, mask)]
     raise ValueError(name)
 

@@ -1,5 +1,6 @@
 """pici.py beyond its losses (those are in test_losses.py): pseudo-labelling, parameter counts, the
 stage schedule, and end-to-end runs through all three stages with exact resume."""
+import contextlib
 import itertools
 import json
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import pici
 from conftest import ROOT, check_run_files, run_script
 
@@ -40,6 +42,56 @@ def test_pseudo_labels_recover_obvious_clusters_in_the_heads_names():
     p = F.one_hot(head, k).float() * 0.6 + 0.4 / k
     labels = pici.pseudo_labels(z, p, k, seed=0)
     assert torch.equal(labels, names[truth])  # k-means recovers the structure, named as the head names it
+
+
+class MeanColour(torch.nn.Module):
+    """A toy model with PICI's outputs: z = the input's mean colour, p = a softmax of it over 4 clusters."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 4)
+        torch.nn.init.normal_(self.head.weight, std=3.0, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        z = x.mean(dim=(2, 3))
+        return z, self.head(z).softmax(dim=1), None, None
+
+
+def colour_images(per=12):
+    """4 colours x `per` images with noise, 40 px (uint8)."""
+    g = torch.Generator().manual_seed(2)
+    colours = torch.tensor([[220, 30, 30], [30, 200, 40], [40, 60, 220], [230, 220, 40]])
+    x = colours.repeat_interleave(per, 0)[:, :, None, None] + torch.randint(-15, 16, (4 * per, 3, 40, 40), generator=g)
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def test_cli_targets_per_view_on_a_toy_case():
+    """Eq. (12)-(14) per view: view a's targets are k-means on its own features (the weak view: the whole
+    image) named by its own head; view b's the same on one strong draw; the option 'weak' gives view a's
+    targets to both views and draws nothing."""
+    env = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    model, images = MeanColour(), colour_images()
+    aug = data.Augmentation(pici.recipe("paper")["views"], 32)
+    g = torch.Generator().manual_seed(5)
+    start = g.get_state()
+    targets, agreement = pici.cli_targets(model, images, aug, env, 4, seed=0, generator=g)
+    assert targets.shape == (2, len(images)) and model.training
+    replay = torch.Generator()
+    replay.set_state(start)
+    for k, x in enumerate([aug.eval(images), aug.view(images, replay, aug.recipe[1])]):  # view b: one draw, as replayed
+        z, p, _, _ = model(x)
+        assert torch.equal(targets[k], pici.pseudo_labels(z, p, 4, seed=0)), k
+    assert torch.equal(g.get_state(), replay.get_state())  # exactly one strong draw of the dataset
+    truth = torch.arange(4).repeat_interleave(12)
+    assert len(set(zip(truth.tolist(), targets[0].tolist()))) == 4  # the weak view: the four colours, renamed
+    assert not torch.equal(targets[0], targets[1])  # jitter, greys and blur move view b's features: its own targets
+    z_a, p_a, _, _ = model(aug.eval(images))
+    z_b, p_b, _, _ = model(aug.view(images, torch.Generator().set_state(start), aug.recipe[1]))
+    expected = ((targets[0] == p_a.argmax(1)).float().mean() + (targets[1] == p_b.argmax(1)).float().mean()) / 2
+    assert agreement == pytest.approx(expected.item())
+    weak, _ = pici.cli_targets(model, images, aug, env, 4, seed=0, generator=g, per_view=False)
+    assert torch.equal(weak[0], targets[0]) and torch.equal(weak[1], targets[0])
+    assert torch.equal(g.get_state(), replay.get_state())  # the weak option draws nothing
 
 
 # ---------------------------------------------------------------------------------------------

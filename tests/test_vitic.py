@@ -1,11 +1,14 @@
 """vitic.py beyond its losses (those are in test_losses.py): parameter counts, image sizes, bad
 arguments, and an end-to-end run that resumes exactly."""
 
+import json
+import math
+
 import pytest
 import torch
 
 import vitic
-from conftest import check_resume
+from conftest import adam_steps, check_resume, in_process
 
 
 def count(module):
@@ -44,3 +47,42 @@ def test_bad_arguments_exit_2(tmp_path, capsys, flags, words):
 def test_end_to_end_resumes_exactly(tmp_path, image_folder):
     final = check_resume("vitic.py", tmp_path, image_folder, "--batch-size", 64)
     assert final["epochs"] == 2
+
+
+def test_authors_recipe_leaves_the_instance_features_unnormalised():
+    """--recipe authors: the author's code feeds raw projections to NT-Xent (dot products over tau)."""
+    g = torch.Generator().manual_seed(0)
+    z_a, z_b = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    rows, tau = list(z_a) + list(z_b), 0.5
+    loop = 0.0
+    for i, u in enumerate(rows):  # NT-Xent with s = u . v, self excluded
+        denominator = sum(math.exp(float(u @ v) / tau) for j, v in enumerate(rows) if j != i)
+        loop += -math.log(math.exp(float(u @ rows[(i + 4) % 8]) / tau) / denominator) / 8
+    assert vitic.instance_loss(z_a, z_b, tau, normalize=False).item() == pytest.approx(loop, rel=1e-6)
+    assert vitic.instance_loss(3 * z_a, z_b, tau, normalize=False) != pytest.approx(vitic.instance_loss(z_a, z_b, tau, normalize=False))
+    assert vitic.recipe("paper")["normalize"] and not vitic.recipe("authors")["normalize"]
+
+
+def test_stl10_unlabeled_images_join_the_training_set(tmp_path, fake_stl10):
+    """ViT-IC paper, Sec. 4.2, as the author's code: one shuffled set of labeled and unlabeled images, both
+    losses on every batch: 128 images in batches of 32 are 4 steps, all logged; evaluation on the 64 labeled."""
+    tiny = ["--dataset", "stl10", "--max-images", 64, "--image-size", 32, "--batch-size", 32, "--epochs", 1]
+    final = in_process(vitic, *tiny, "--run-name", "u", out_dir=tmp_path, data_root=tmp_path / "data")
+    assert adam_steps(tmp_path / "u" / "checkpoint.pt") == 4
+    record = json.loads((tmp_path / "u" / "log.jsonl").read_text())
+    assert round(record["img_per_s"] * record["seconds"]) == 128 and record["loss_cluster"] > 0  # every step: both losses
+    assert final["epochs"] == 1 and len((tmp_path / "u" / "assignments.csv").read_text().splitlines()) == 65
+    in_process(vitic, *tiny, "--no-stl10-unlabeled", "--run-name", "l", out_dir=tmp_path, data_root=tmp_path / "data")
+    assert adam_steps(tmp_path / "l" / "checkpoint.pt") == 2
+
+
+def test_training_images():
+    ds = type("DS", (), {})()
+    ds.images, ds.unlabeled = torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.ones(5, 3, 4, 4, dtype=torch.uint8)
+    ds.sizes = torch.tensor([[96, 96]]).expand(3, 2)
+    joined, sizes = vitic.training_images(ds)
+    assert joined.shape == (8, 3, 4, 4) and joined[:3].eq(0).all() and joined[3:].eq(1).all()
+    assert sizes.tolist() == [[96, 96]] * 8  # crop boxes are drawn on the originals, labeled or not
+    ds.unlabeled = None
+    images, sizes = vitic.training_images(ds)
+    assert images is ds.images and sizes is ds.sizes

@@ -26,6 +26,25 @@ def test_parameter_counts():
     assert only_cluster.instance_head is None and count(only_cluster) == 15_218_352 + 2_958_336 + 1537 * 21
 
 
+def projector_params(width, out):
+    """Linear(w, 4w) + BN + Linear(4w, 4w) + BN + Linear(4w, out): the authors' hidden width, 4 x the ViT's."""
+    h = 4 * width
+    return width * h + h + 2 * h + h * h + h + 2 * h + h * out + out
+
+
+@pytest.mark.parametrize("vit,hidden,instance,cluster,backbone", [
+    ("tiny", 768, 840_320, 741_888 + 769 * 4, 2_036_184),
+    ("small", 1536, 3_155_072, 2_958_336 + 1537 * 4, 15_218_352),
+    ("base", 3072, 12_208_256, 11_814_912 + 3073 * 4, 89_136_480)])
+def test_parameter_counts_of_table_vi_sizes(vit, hidden, instance, cluster, backbone):
+    """Table VI as the authors ran it: projector hidden width 4 x the ViT width (768, 1536, 3072)."""
+    net = vtcc.Network(4, vit=vit)
+    assert net.instance_head[0].out_features == net.instance_head[3].out_features == hidden
+    assert count(net.instance_head) == instance == projector_params(hidden // 4, 128)
+    assert count(net.cluster_head) == cluster == projector_params(hidden // 4, 4)
+    assert count(net.backbone) == backbone
+
+
 @pytest.mark.parametrize("vit,width,depth", [("tiny", 192, 4), ("small", 384, 8), ("base", 768, 12)])
 @pytest.mark.parametrize("stem", ["conv", "patchify"])
 def test_vit_sizes(vit, width, depth, stem):
