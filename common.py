@@ -37,7 +37,8 @@ except ImportError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Clustering metrics (SPEC §1: transductive, NMI arithmetic, ACC by Hungarian matching, ARI)
+# Clustering metrics, as all five papers report them: transductive (the training images are the ones
+# clustered), NMI with arithmetic normalisation, ACC by Hungarian matching, ARI
 # ---------------------------------------------------------------------------------------------
 def contingency(y_true, y_pred):
     """Counts of (predicted cluster, true class) pairs; label ids may be arbitrary integers."""
@@ -94,7 +95,8 @@ def kmeans(features, num_clusters, seed, n_init=10):
 
 
 # ---------------------------------------------------------------------------------------------
-# ViT building blocks (SPEC §2 "ViT details", "Conv stem", "Position embeddings")
+# ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
+# Table V), 2-D sine-cosine positions
 # ---------------------------------------------------------------------------------------------
 def sincos_2d(dim, grid_size, cls_token=True):
     """Fixed 2-D sine-cosine position table, (1 + grid_size**2, dim), CLS row zero.
@@ -235,7 +237,7 @@ class ViT(nn.Module):
 
 
 def init_vit_weights(module):
-    """Linear layers xavier-uniform with zero bias, LayerNorm (1, 0) (SPEC §2, as MAE/ViT code)."""
+    """Linear layers xavier-uniform with zero bias, LayerNorm (1, 0) (as the ViT and MAE code the authors build on)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -480,7 +482,7 @@ def gather(*tensors, env):
 
 
 def adam(params, lr, env):
-    """Adam with weight decay 0 (SPEC §1); the fused CUDA kernel where it exists."""
+    """Adam with weight decay 0 and a constant rate, as all five papers train; the fused CUDA kernel where it exists."""
     return torch.optim.Adam(params, lr=lr, fused=env.device.type == "cuda")
 
 

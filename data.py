@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# number of classes per dataset (SPEC §3); a folder path is also accepted
+# number of classes per dataset, as the papers use them; a folder path is also accepted
 DATASETS = {
     "digits": 10, "cifar10": 10, "cifar100": 20, "stl10": 10, "imagenet10": 10, "imagenet-dogs": 15,
     "tiny-imagenet": 200, "rsod": 4, "ucmerced": 21, "siri-whu": 12, "aid": 30, "d0": 40, "dtd": 47,
@@ -241,13 +241,13 @@ def _load_cifar(name, root, size, max_images, seed):
         cls, folder, url = torchvision.datasets.CIFAR100, "cifar-100-python", \
             "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     images, labels, files = [], [], []
-    for split, train in (("train", True), ("test", False)):  # train+test pooled (SPEC §1)
+    for split, train in (("train", True), ("test", False)):  # train+test pooled: the papers' transductive protocol
         d = _torchvision_set(cls, root, os.path.join(root, folder), url, train=train)
         images.append(torch.from_numpy(d.data).permute(0, 3, 1, 2))
         labels += list(d.targets)
         files += [f"{name}/{split}/{i}" for i in range(len(d.data))]
     classes = d.classes
-    if name == "cifar100":  # 20 super-classes as ground truth (SPEC §1)
+    if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
         coarse = {f: _coarse_of[f] for f in classes}
         labels = [coarse[classes[y]] for y in labels]
         classes = sorted(CIFAR100_SUPERCLASSES)
@@ -585,7 +585,7 @@ def grayscale(x):
 
 
 def blur_kernel_size(size):
-    """Odd kernel of about 10% of the image: 23 at 224 px (SPEC's value), 13 at 128, 3 at 32 and below."""
+    """Odd kernel of about 10% of the image: 23 at 224 px (CC's code), 13 at 128, 3 at 32 and below."""
     k = max(3, int(0.1 * size))
     return k + 1 - k % 2
 

@@ -9,7 +9,7 @@ import torch
 import common
 import data
 import dcsc
-from conftest import adam_steps, check_resume, in_process, run_script
+from conftest import adam_steps, check_resume, in_process
 
 
 # --- network -----------------------------------------------------------------------------------
