@@ -347,7 +347,7 @@ def test_cc_features_are_the_backbone_output_in_dataset_order(runs, image_folder
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
     some = torch.tensor([63, 0, 17])
     with torch.no_grad():
-        expected = model.eval().backbone(data.Augmentation("cc", 32).eval(ds.images[some]))
+        expected = model.eval().backbone(data.Augmentation(cc.recipe("paper", ds.name)["views"], 32).eval(ds.images[some]))
     torch.testing.assert_close(torch.from_numpy(np.load(run / "features.npy")[some.numpy()]).float(), expected, rtol=1e-2, atol=1e-2)
 
 

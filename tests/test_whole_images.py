@@ -107,12 +107,12 @@ def test_crop_matches_torchvision_crop_of_the_original(tmp_path, storage_size, m
     assert stored == (storage_size or 64) and ds.sizes[0].tolist() == [height, width]  # default: 2 x 32
     original = TF.to_image(picture).float() / 255
     # the views' crop path: no colour ops, so each view is the box of the original, resized and maybe flipped
-    plain = dict(jitter=(0, 0, 0, 0), p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0)
+    plain = data.View(crop=(0.08, 1.0), flip=0.5)
     n = 64
     x, sizes = ds.images[:1].expand(n, -1, -1, -1), ds.sizes[:1].expand(n, 2)
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    out = data.Augmentation("cc", 32).view(x, g, plain, sizes)
+    out = data.Augmentation((plain, plain), 32).view(x, g, plain, sizes)
     q = data.sample_view(n, height, width, g.set_state(state), plain)
     ref = torch.stack([TF.resized_crop(original, *box.tolist(), [32, 32], antialias=True) for box in q["boxes"]])
     ref = data.hflip(ref, q["flip"])
@@ -129,8 +129,8 @@ def test_training_crops_reach_every_part(tmp_path):
     ds = data.load_dataset(str(two_class_folder(tmp_path / "thirds", thirds_image())), root=str(tmp_path),
                            image_size=16)
     x, sizes = ds.images[:1].expand(512, -1, -1, -1), ds.sizes[:1].expand(512, 2)
-    plain = dict(jitter=(0, 0, 0, 0), p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0)
-    views = data.Augmentation("cc", 16).view(x, torch.Generator().manual_seed(0), plain, sizes)
+    plain = data.View(crop=(0.08, 1.0), flip=0.5)
+    views = data.Augmentation((plain, plain), 16).view(x, torch.Generator().manual_seed(0), plain, sizes)
     seen = [((views * 255 - torch.tensor(c)[:, None, None]).abs().amax(1) < 12).flatten(1).any(1) for c in THIRDS]
     # a centre square would never show the outer thirds; crops of the whole original show each in many views
     assert all(s.float().mean() > 0.3 for s in seen), [s.float().mean() for s in seen]
@@ -142,7 +142,9 @@ def test_wide_image_stored_and_evaluated_whole(tmp_path):
     ds = data.load_dataset(str(two_class_folder(tmp_path / "thirds", thirds_image(60, 180))), root=str(tmp_path),
                            image_size=24)
     assert ds.images.shape == (2, 3, 48, 48) and ds.sizes.tolist() == [[60, 180]] * 2  # S = 2 x 24
-    for aug in (data.Augmentation("cc", 24), data.Augmentation("pici", 24)):
+    crop = data.View(crop=(0.08, 1.0), flip=0.5)
+    weak, strong = data.View(norm=data.IMAGENET), data.View(crop=(0.08, 1.0), flip=0.5, norm=data.IMAGENET)  # PICI-like
+    for aug in (data.Augmentation((crop, crop), 24), data.Augmentation((weak, strong), 24)):
         out = aug.eval(ds.images[:1])
         if aug.norm:  # PICI's weak view is the eval view, ImageNet-normalised
             out = out * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
@@ -150,8 +152,9 @@ def test_wide_image_stored_and_evaluated_whole(tmp_path):
         for i, colour in enumerate(THIRDS):  # each third of the output, away from the seams, is its colour
             third = out[0, :, :, i * 8 + 2:i * 8 + 6] * 255
             assert (third - torch.tensor(colour, dtype=torch.float32)[:, None, None]).abs().max() < 3, (i, colour)
-    _, weak_pici = data.Augmentation("pici", 24).views(ds.images, torch.Generator().manual_seed(0), ds.sizes)
-    assert weak_pici.shape == (2, 3, 24, 24)
+    aug = data.Augmentation((weak, strong), 24)
+    weak_view, _ = aug.views(ds.images, torch.Generator().manual_seed(0), ds.sizes)
+    torch.testing.assert_close(weak_view, aug.eval(ds.images))  # a weak view is the eval view
 
 
 def test_storage_size_default_and_cap(tmp_path):
