@@ -291,7 +291,9 @@ def runs(image_folder, tmp_path_factory):
             made[name] = (out / "run", stream.getvalue(), argv, writers[0])
         return made[name]
 
-    return run
+    yield run
+    for folder, *_ in made.values():  # ResNet checkpoints of ~250 MB: not left in the temp folder
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name", ["cc", "vtcc", "vitic", "pici", "dcsc"])
