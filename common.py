@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1104,11 +1105,16 @@ def load_data(args, env, with_unlabeled=False):
                                  storage_size=args.storage_size, cache_dir=str(cache))
 
     try:
-        if env.distributed and not env.is_main:
-            torch.distributed.barrier()
-        ds = load()
-        if env.distributed and env.is_main:
-            torch.distributed.barrier()
+        with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
+            warnings.simplefilter("always")
+            if env.distributed and not env.is_main:
+                torch.distributed.barrier()
+            ds = load()
+            if env.distributed and env.is_main:
+                torch.distributed.barrier()
+        if env.is_main:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr, flush=True)
     except data.DataError as e:
         fail(str(e))
     except OSError as e:  # the decoded-image cache cannot be written, e.g. a read-only --data-root

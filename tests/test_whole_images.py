@@ -5,6 +5,8 @@ whole image resized, and the named datasets load from their published layouts.
 Run: python -m pytest -q tests/test_whole_images.py   (CPU; images drawn at run time)
 """
 
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -175,6 +177,17 @@ def test_upsampling_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # large enough: no warning
         data.load_dataset(str(folder), root=str(tmp_path), image_size=40)
+
+
+def test_scripts_print_the_upsampling_warning_in_one_line(tmp_path):
+    folder = make_image_folder(tmp_path / "small", classes=2, per_class=2, size=(24, 20))
+    args = common.parse_args(__import__("cc").Args, ["--dataset", str(folder), "--data-root", str(tmp_path), "--image-size", "32",
+                                                     "--batch-size", "2", "--device", "cpu"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        common.load_data(args, common.Env(args, "cc"))
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: small: 4 of 4 images are smaller than the training size 32 px")
 
 
 @pytest.mark.parametrize("script", ["cc", "vtcc", "vitic", "pici", "dcsc"])
