@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -695,6 +696,23 @@ def cpu_copy(obj):
     return obj
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM received inside the block are delivered when it ends (the first of them)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 class Checkpointer:
     """checkpoint.pt holds finished epochs only, so a resumed run ends exactly as an uninterrupted
     one (on the CPU). It is written every --save-every epochs and after the last; in between, the
@@ -709,11 +727,15 @@ class Checkpointer:
         self.last = None  # the last finished epoch's state, while it is not on disk
 
     def epoch_done(self, epoch):
-        self.epoch = epoch
-        if self.env.is_main:
-            self.last = cpu_copy(self.state(epoch))  # taken first: a stop during the write still has it
-            if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
-                self.write()
+        # A Ctrl-C or SIGTERM that arrives while the finished epoch is copied (a fraction of a second
+        # for a ResNet with its Adam state) is held back until the copy is whole; delivered in the
+        # middle of it, the stop would find the epoch counted but no state to write, and lose it.
+        with signals_deferred():
+            self.epoch = epoch
+            if self.env.is_main:
+                self.last = cpu_copy(self.state(epoch))  # taken first: a stop during the write still has it
+                if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
+                    self.write()
 
     def write(self):
         if self.last is not None and (self.saved is None or self.last["epoch"] > self.saved):

@@ -152,6 +152,28 @@ def test_checkpointer_keeps_finished_epochs_only_and_never_goes_back(tmp_path, c
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
 
+def test_a_stop_while_the_finished_epoch_is_copied_keeps_that_epoch(tmp_path, capsys):
+    """The signal arrives while epoch_done copies the state (as a Ctrl-C sent just after an epoch's
+    log line can): it is held back until the copy is whole, so the stop writes that epoch."""
+    path = tmp_path / "checkpoint.pt"
+    env = SimpleNamespace(is_main=True)
+    run = Clock()
+
+    def state_while_signalled(epoch):
+        os.kill(os.getpid(), sig)
+        return run.state(epoch)
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        path.unlink(missing_ok=True)
+        ckpt = common.Checkpointer(path, env, SimpleNamespace(save_every=10, epochs=20), 0, state_while_signalled)
+        with pytest.raises(SystemExit) as stop, common.stop_safely(ckpt, common.Logger(tmp_path, env)):
+            ckpt.epoch_done(1)
+            raise AssertionError("the signal was not delivered after the copy")
+        assert stop.value.code == code and torch.load(path, weights_only=True)["epoch"] == 1
+        assert f"in epoch 2/20: {path} holds epoch 1" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. --eval-only CHECKPOINT alone evaluates as the run did; flags given override the checkpoint's
 # ---------------------------------------------------------------------------------------------
