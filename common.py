@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import csv
 import dataclasses
+import datetime
 import errno
 import json
 import math
@@ -384,6 +385,7 @@ class Env:
         check(args.num_clusters is None or args.num_clusters >= 2, f"--num-clusters must be at least 2, got {args.num_clusters}")
         check(args.image_size >= 8, f"--image-size must be at least 8, got {args.image_size}")
         self.method = method
+        self.eval_only = bool(getattr(args, "eval_only", None))
         # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run never touches torch.distributed.
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -391,18 +393,27 @@ class Env:
         self.distributed = self.world_size > 1
         self.is_main = self.rank == 0
         check(args.batch_size % self.world_size == 0, f"--batch-size {args.batch_size} (the global batch) must divide by the {self.world_size} processes")
+        if args.deterministic:  # cuBLAS reads it when CUDA starts, so before the device is chosen
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = pick_device(args.device, self.local_rank if self.distributed else None)
         if self.distributed and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # Rank 0 alone evaluates, runs k-means, makes PICI's pseudo-labels and writes checkpoints
+            # while the others wait in their next collective: the timeout must outlast that work
+            # on a large dataset (NCCL's default is 10 minutes).
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
             atexit.register(torch.distributed.destroy_process_group)
         self.dtype = pick_precision(args.precision, self.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not args.deterministic
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if args.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            # TF32 rounds matmul inputs to 10 mantissa bits: fine under bf16/fp16 autocast, not for fp32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.dtype is not None
+            if args.deterministic:  # flash and memory-efficient attention have non-deterministic backward passes
+                for backend in ("flash", "mem_efficient", "cudnn"):
+                    getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+        if args.deterministic:  # strict on CUDA (an op without such a kernel stops the run, see stop_safely)
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cuda")
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -425,7 +436,12 @@ class Env:
         self.scaler.update()
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
+
+
 def pick_device(name, local_rank=None):
+    """The device as an indexed torch.device (cuda:N, never a bare cuda): `auto` and `cuda` mean the
+    current CUDA device, or LOCAL_RANK's under torchrun, so devices compare equal when they are one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -436,19 +452,31 @@ def pick_device(name, local_rank=None):
         check(torch.cuda.is_available(), f"--device {name} asked for CUDA but none is available: use --device cpu")
         if local_rank is not None:
             device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         fail(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
+def native_bf16(device):
+    """bf16 in hardware (compute capability 8.0, Ampere, on); older GPUs only emulate it, slowly."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)  # of the current device, which pick_device set
+
+
 def pick_precision(name, device):
-    """auto: bf16 autocast on CUDA where supported, else fp32 (CPU runs are fp32: exact and
-    reproducible). Returns the autocast dtype, None for fp32."""
+    """auto: bf16 autocast on a CUDA GPU with native bf16, fp16 (with the GradScaler) on an older
+    one, fp32 on the CPU (exact and reproducible). Returns the autocast dtype, None for fp32."""
     check(name in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {name!r}: use auto, fp32, bf16 or fp16")
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "fp32" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
     check(not (name == "fp16" and device.type != "cuda"), "--precision fp16 needs CUDA: use fp32 or bf16 on the CPU")
+    check(not (name == "bf16" and device.type == "cuda" and not native_bf16(device)),
+          f"--precision bf16: {device} only emulates bf16 (compute capability {torch.cuda.get_device_capability(device)}, "
+          "native from 8.0): use fp16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -477,10 +505,26 @@ def gather(*tensors, env):
     the loss over the global batch. One process: the tensors unchanged."""
     if not env.distributed:
         return tensors if len(tensors) > 1 else tensors[0]
-    from torch.distributed.nn.functional import all_gather
-
-    out = tuple(torch.cat(all_gather(t.contiguous()), dim=0) for t in tensors)
+    out = tuple(Gather.apply(t) for t in tensors)
     return out if len(out) > 1 else out[0]
+
+
+class Gather(torch.autograd.Function):
+    """all_gather_single with a backward pass (torch.distributed.nn's all_gather is deprecated):
+    every process computes the loss of the global batch, so the gradient of a process's rows is the
+    sum of the processes' gradients for them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.new_empty((torch.distributed.get_world_size() * len(x), *x.shape[1:]))
+        torch.distributed.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        torch.distributed.all_reduce(grad)
+        return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
 
 def adam(params, lr, env):
@@ -507,12 +551,12 @@ def predict(fn, images, transform, env, batch_size=512):
     """fn(x) -> dict of (B, ...) tensors; returns the dict of concatenated CPU fp32 tensors, in
     dataset order. `transform` turns a uint8 batch on the device into the model's input."""
     out = {}
-    for start in range(0, len(images), batch_size):
+    for start in range(0, len(images), batch_size):  # images already on the device are not copied
         x = transform(images[start:start + batch_size].to(env.device, non_blocking=True))
         with env.autocast():
             for key, value in fn(x).items():
-                out.setdefault(key, []).append(value.float().cpu())
-    return {key: torch.cat(values) for key, values in out.items()}
+                out.setdefault(key, []).append(value.float())  # kept on the device: no wait per batch
+    return {key: torch.cat(values).cpu() for key, values in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +671,13 @@ def atomic_save(obj, path):
 
 
 def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **extra):
+    """The checkpoint dict. Under torchrun every process calls it (a collective): each process's
+    random streams are saved, as `generators` and `torch_rngs` in rank order."""
+    streams = {}
+    if getattr(env, "distributed", False):
+        states = [None] * env.world_size
+        torch.distributed.all_gather_object(states, (generator.get_state(), torch.get_rng_state()))
+        streams = {"generators": [g for g, _ in states], "torch_rngs": [t for _, t in states]}
     return {
         "method": method,
         "epoch": epoch,
@@ -635,6 +686,8 @@ def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **ex
         "scaler": env.scaler.state_dict(),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "world_size": getattr(env, "world_size", 1),
+        **streams,
         "args": dataclasses.asdict(args),
         **extra,
     }
@@ -678,21 +731,55 @@ def restore(state, model, optimizer, env, generator):
     except RuntimeError as e:  # e.g. another --num-clusters or --image-size than the checkpoint's
         detail = str(e).strip().splitlines()[1:2] or [str(e)]
         fail(f"the checkpoint's weights do not fit the model these flags build ({detail[0].strip()}): pass the values it was trained with")
-    optimizer.load_state_dict(state["optimizer"])
-    env.scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    load_optimizer(optimizer, state["optimizer"])
+    if env.scaler.is_enabled() and state["scaler"]:  # fp16 after a bf16 or fp32 run: a fresh scale
+        env.scaler.load_state_dict(state["scaler"])
+    world, here = state.get("world_size", 1), getattr(env, "world_size", 1)
+    if world == here:  # each process its own streams (torchrun), in rank order
+        rank = getattr(env, "rank", 0)
+        generator.set_state(state["generators"][rank] if world > 1 else state["generator"])
+        torch.set_rng_state(state["torch_rngs"][rank] if world > 1 else state["torch_rng"])
+    else:  # the random streams are per process: another number of processes cannot continue them
+        check(getattr(env, "eval_only", False),
+              f"the checkpoint was trained by {world} process(es), this run has {here}: resume it with as many "
+              f"(torchrun --nproc-per-node {world}, or plain python for 1); --eval-only takes it with any number")
     return state["epoch"]
 
 
-def cpu_copy(obj):
-    """A copy of a state that later training steps cannot change: every tensor cloned to the CPU."""
+def load_optimizer(optimizer, saved):
+    """Adam's state from a checkpoint written on any device: the implementation stays the one built
+    for this device (fused only on CUDA; a CPU run resuming a CUDA checkpoint must not turn fused on),
+    and each moment takes its parameter's memory layout (channels_last on CUDA, contiguous on the CPU:
+    a fused kernel pairs the raw memory of the two)."""
+    own = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, kept in zip(optimizer.param_groups, own):
+        group.update(kept)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if k == "step":  # fused and capturable Adam count steps on the device, the others on the CPU
+                    optimizer.state[p][k] = v.to(torch.float32, device=p.device if on_device else "cpu")
+                elif torch.is_tensor(v) and v.shape == p.shape:
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def cpu_copy(obj, buffers=None, key=()):
+    """A copy of a state that later training steps cannot change. CPU tensors are cloned; with
+    `buffers` (a dict kept from call to call) a tensor on the GPU is copied without waiting into a
+    host buffer of its own, pinned and reused, queued behind the GPU's work: wait for that work (a
+    CUDA event) before reading the copy."""
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
+        if obj.device.type == "cpu" or buffers is None:
+            return obj.detach().to("cpu", copy=True)
+        buf = buffers.get(key)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=torch.cuda.is_available())
+        return buf.copy_(obj.detach(), non_blocking=True)
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
+        return {k: cpu_copy(v, buffers, key + (k,)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
+        return type(obj)(cpu_copy(v, buffers, key + (i,)) for i, v in enumerate(obj))
     return obj
 
 
@@ -725,6 +812,7 @@ class Checkpointer:
         self.epoch = epoch  # finished epochs
         self.saved = epoch if self.path.exists() else None  # the epoch checkpoint.pt holds
         self.last = None  # the last finished epoch's state, while it is not on disk
+        self.buffers, self.copied = {}, None  # pinned host buffers of a GPU state; the CUDA event of their copy
 
     def epoch_done(self, epoch):
         # A Ctrl-C or SIGTERM that arrives while the finished epoch is copied (a fraction of a second
@@ -732,13 +820,21 @@ class Checkpointer:
         # middle of it, the stop would find the epoch counted but no state to write, and lose it.
         with signals_deferred():
             self.epoch = epoch
+            state = self.state(epoch)  # every process: under torchrun it gathers their random streams
             if self.env.is_main:
-                self.last = cpu_copy(self.state(epoch))  # taken first: a stop during the write still has it
+                # taken first, a stop during the write still has it. A GPU state is copied behind the
+                # queued steps (no stall); the copy is waited for only when it is written.
+                self.last = cpu_copy(state, self.buffers)
+                if self.buffers and torch.cuda.is_available():
+                    self.copied = torch.cuda.Event()
+                    self.copied.record()
                 if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
                     self.write()
 
     def write(self):
         if self.last is not None and (self.saved is None or self.last["epoch"] > self.saved):
+            if self.copied is not None:
+                self.copied.synchronize()
             atomic_save(self.last, self.path)
             self.saved, self.last = self.last["epoch"], None
 
@@ -780,8 +876,11 @@ def stop_safely(checkpointer, logger):
     except Terminated:
         checkpointer.stop("stopped by SIGTERM", logger)
         raise SystemExit(143)
-    except Exception:
+    except Exception as e:
         checkpointer.stop("stopped by an error", logger)
+        if "does not have a deterministic implementation" in str(e):  # strict --deterministic on CUDA
+            op = str(e).split(" does not have")[0].strip()
+            fail(f"--deterministic: {op} has no deterministic CUDA kernel in this PyTorch; run without --deterministic")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

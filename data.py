@@ -453,12 +453,13 @@ def _report_bad(bad, total, folder):
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
-    """Yield (uint8 images, labels or None, int64 indices) batches of the cached tensor.
+    """Yield (uint8 images, labels or None, int64 CPU indices) batches of the cached tensor.
 
     Shuffled with torch.randperm(generator) for training, in order for evaluation. With world_size > 1
-    each batch is this rank's contiguous share of the global batch of batch_size. Images are indexed
-    where they live (on the GPU when the dataset was put there) and then moved to `device`, from
-    pinned memory without blocking when they come from the CPU.
+    (torchrun) the order is rank 0's draw, sent to every process, and each batch is this rank's
+    contiguous share of the global batch of batch_size: every image once per epoch, none twice in a
+    global batch. Images are indexed where they live (on the GPU when the dataset was put there) and
+    then moved to `device`, from pinned memory without blocking when they come from the CPU.
     """
     n = len(images)
     if batch_size % world_size:
@@ -466,15 +467,22 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
     if drop_last and n < batch_size:
         raise DataError(f"batch size {batch_size} is larger than the {n} images; lower --batch-size")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
+    if shuffle and world_size > 1 and torch.distributed.is_initialized():  # one order for all (NCCL sends GPU tensors only)
+        where = torch.device(device) if device is not None and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        shared = order.to(where)
+        torch.distributed.broadcast(shared, src=0)
+        order = shared.cpu()
+    device = torch.device(device) if device is not None else None
+    for start in range(0, n - n % batch_size if drop_last else n, batch_size):
         idx = order[start:start + batch_size]
         if world_size > 1:
             idx = torch.tensor_split(idx, world_size)[rank]
         y = labels[idx.to(labels.device)] if labels is not None else None
         x = images[idx.to(images.device)]
-        if device is not None and x.device != torch.device(device):
-            x = x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+        if device is not None and x.device != device:
+            if x.device.type == "cpu" and device.type == "cuda":  # only a CPU tensor can be pinned
+                x = x.pin_memory()
+            x = x.to(device, non_blocking=True)
         yield x, y, idx
 
 

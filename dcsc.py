@@ -86,11 +86,12 @@ class Args:
     recipe: str = arg("paper", "augmentation recipe: paper (CC's, Sec. 4.2) or authors; DCSC has no public code, so both "
                       "give the same views", choices=["paper", "authors"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
-    device: str = arg("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, bf16 or fp16",
+    device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), bf16 or fp16; bf16 on a CPU without native bf16 runs about 10x slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
-    deterministic: bool = arg(False, "deterministic kernels (slower on CUDA; CPU runs are deterministic anyway)")
+    deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
+                                      "(slower; CPU runs are deterministic anyway)")
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs (0: only at the end)")
     save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
@@ -283,7 +284,7 @@ def main(argv=None):
             if not torch.isfinite(torch.tensor(record["loss"])):
                 common.fail_nonfinite(epoch + 1, run_path)
             if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-                pred, _ = evaluate(model, ds.images, aug, env, kmeans_clusters, args.seed)
+                pred, _ = evaluate(model, images, aug, env, kmeans_clusters, args.seed)
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)
             logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
@@ -291,10 +292,10 @@ def main(argv=None):
             done = epoch + 1
 
     if env.is_main:
-        pred, conf = evaluate(model, ds.images, aug, env, kmeans_clusters, args.seed)
+        pred, conf = evaluate(model, images, aug, env, kmeans_clusters, args.seed)
         if args.export_features:  # what evaluate clusters: the cluster head's input, or k-means' features
             features = model.backbone if kmeans_clusters is None else lambda x: model.instance_head(model.backbone(x))
-            common.export_features(run_path, features, model, ds.images, aug.eval, env)
+            common.export_features(run_path, features, model, images, aug.eval, env)
         common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
                       wall_seconds=time.perf_counter() - wall_start)
 
