@@ -759,7 +759,7 @@ def load_optimizer(optimizer, saved):
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
                 if k == "step":  # fused and capturable Adam count steps on the device, the others on the CPU
-                    optimizer.state[p][k] = v.to(torch.float32, device=p.device if on_device else "cpu")
+                    optimizer.state[p][k] = v.to(device=p.device if on_device else "cpu", dtype=torch.float32, copy=True)
                 elif torch.is_tensor(v) and v.shape == p.shape:
                     optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
@@ -774,7 +774,7 @@ def cpu_copy(obj, buffers=None, key=()):
             return obj.detach().to("cpu", copy=True)
         buf = buffers.get(key)
         if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=torch.cuda.is_available())
+            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.device.type == "cuda")
         return buf.copy_(obj.detach(), non_blocking=True)
     if isinstance(obj, dict):
         return {k: cpu_copy(v, buffers, key + (k,)) for k, v in obj.items()}
