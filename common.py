@@ -474,9 +474,9 @@ def pick_precision(name, device):
     if name == "auto":
         name = "fp32" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
     check(not (name == "fp16" and device.type != "cuda"), "--precision fp16 needs CUDA: use fp32 or bf16 on the CPU")
-    check(not (name == "bf16" and device.type == "cuda" and not native_bf16(device)),
-          f"--precision bf16: {device} only emulates bf16 (compute capability {torch.cuda.get_device_capability(device)}, "
-          "native from 8.0): use fp16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not native_bf16(device):
+        fail(f"--precision bf16: {device} only emulates bf16 (compute capability {torch.cuda.get_device_capability(device)}, "
+             "native from 8.0): use fp16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
