@@ -8,7 +8,7 @@ Runs each script's real `main()` twice, in this process, with the same arguments
 The ratio of the two img/s (last epoch of each, warm-up excluded) is the pipeline efficiency.
 
     python benchmarks/bench_pipeline.py --data-root DATA --image-size 64 --max-images 1024 --epochs 2
-    python benchmarks/bench_pipeline.py --data-root DATA --methods vtcc --image-size 224 --device cuda   (bf16 by default on CUDA)
+    python benchmarks/bench_pipeline.py --data-root DATA --device cuda   (224 px and bf16 by default on CUDA)
 """
 import argparse
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: data.py and the scripts
+import common  # noqa: E402
 import data  # noqa: E402
 
 PAPER_BATCH = {"cc": 256, "vtcc": 128, "vitic": 256, "pici": 96, "dcsc": 256}
@@ -32,9 +33,9 @@ def premade(enabled):
         return
     made = {}
 
-    def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
+    def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None, **kw):
         if not shuffle:  # evaluation reads the real data
-            yield from REAL_BATCHES(images, labels, batch_size, shuffle, drop_last, generator, rank, world_size, device)
+            yield from REAL_BATCHES(images, labels, batch_size, shuffle, drop_last, generator, rank, world_size, device, **kw)
             return
         share = batch_size // world_size
         idx = data.torch.arange(share)
@@ -59,7 +60,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH), choices=list(PAPER_BATCH))
     p.add_argument("--dataset", default="ucmerced", help="dataset name (in --data-root) or image folder")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA (the papers' size), 64 on the CPU")
     p.add_argument("--max-images", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None, help="default: each paper's batch")
@@ -67,6 +68,8 @@ def main(argv=None):
     p.add_argument("--data-root", default="./data")
     p.add_argument("--extra", default="", help="more flags for every script, e.g. '--compile'")
     a = p.parse_args(argv)
+    device = common.pick_device(a.device)
+    a.image_size = a.image_size or (224 if device.type == "cuda" else 64)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for method in a.methods:
@@ -85,7 +88,8 @@ def main(argv=None):
                     premade(False)
                 speeds[mode] = last_img_per_s(Path(out) / f"{method}-{mode}")
             rows.append((method, speeds["loop"], speeds["model"], speeds["loop"] / speeds["model"]))
-    print(f"\n{'method':8} {'loop img/s':>11} {'model img/s':>12} {'efficiency':>11}")
+    print(f"\npipeline efficiency | device {device} | {a.image_size} px | {a.max_images} images | {a.epochs} epochs, the last timed {a.extra}")
+    print(f"{'method':8} {'loop img/s':>11} {'model img/s':>12} {'efficiency':>11}")
     for method, loop, model, ratio in rows:
         print(f"{method:8} {loop:11.1f} {model:12.1f} {ratio:11.2f}")
     return rows
