@@ -336,3 +336,32 @@ def test_the_snapshot_of_a_gpu_state_does_not_wait_for_the_gpu(tmp_path, monkeyp
     assert Event.log[-1] == "synchronize"
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 2 and torch.equal(saved["w"], torch.full((3,), 2.0))
+
+
+# --- evaluation reads the dataset where it was placed ---------------------------------------------------------
+@pytest.mark.parametrize("method", ["cc", "vitic"])
+def test_evaluation_reads_the_placed_dataset(tmp_path, image_folder, monkeypatch, method):
+    """On a GPU the dataset is placed once (common.place_images); evaluation must read that copy,
+    not upload ds.images again. Here the placed copy is marked, and every predict call must get it."""
+    import importlib
+
+    from conftest import in_process
+
+    placed, given = [], []
+    real_place, real_predict = common.place_images, common.predict
+
+    def place(images, choice, env):
+        placed.append(real_place(images, choice, env).clone())
+        return placed[-1]
+
+    def predict(fn, images, *a, **kw):
+        given.append(images)
+        return real_predict(fn, images, *a, **kw)
+
+    monkeypatch.setattr(common, "place_images", place)
+    monkeypatch.setattr(common, "predict", predict)
+    in_process(importlib.import_module(method), "--dataset", image_folder, "--max-images", 32, "--image-size", 32, "--batch-size", 16,
+               "--epochs", 2, "--eval-every", 1, "--run-name", "run", *(["--backbone", "resnet18"] if method == "cc" else ["--feature-dim", 16]),
+               out_dir=tmp_path, data_root=tmp_path / "data")
+    assert len(placed) == 1 and len(given) >= 2  # mid-run and final evaluation
+    assert all(g.data_ptr() == placed[0].data_ptr() and len(g) == 32 for g in given)
