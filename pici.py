@@ -99,7 +99,8 @@ class Args:
                            "weak = the weak view's (the whole image's) targets for both views", choices=["per-view", "weak"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation, masking, k-means)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
@@ -288,7 +289,7 @@ def main(argv=None):
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads), env,
                                 compile=args.compile, find_unused=True)
     optimizer = common.adam(model.parameters(), args.lr, env)  # one optimiser for all three stages
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling, augmentation and masking; one stream per process
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation and masking, a stream per process; rank 0's draws the shared shuffle
     common.header(logger, "PICI", ds, env, model, run_path)
 
     state = common.load_checkpoint(args, "pici", run_path, logger)  # --eval-only's or --resume's; None: a fresh start

@@ -74,7 +74,8 @@ class Args:
                       choices=list(RECIPES))
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
@@ -182,7 +183,7 @@ def main(argv=None):
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), env,
                                 channels_last=True, compile=args.compile)
     optimizer = common.adam(model.parameters(), args.lr, env)
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # shuffling and augmentation; one stream per process
+    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
     common.header(logger, "ViT-IC", ds, env, model, run_path)
 
     state = common.load_checkpoint(args, "vitic", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
