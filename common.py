@@ -773,8 +773,9 @@ def cpu_copy(obj, buffers=None, key=()):
         if obj.device.type == "cpu" or buffers is None:
             return obj.detach().to("cpu", copy=True)
         buf = buffers.get(key)
-        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.device.type == "cuda")
+        if buf is None or buf.shape != obj.shape or buf.stride() != obj.stride() or buf.dtype != obj.dtype:
+            # its layout (channels_last or not) as the source's: the copy is one plain memcpy
+            buf = buffers[key] = torch.empty_like(obj, device="cpu", pin_memory=obj.device.type == "cuda")
         return buf.copy_(obj.detach(), non_blocking=True)
     if isinstance(obj, dict):
         return {k: cpu_copy(v, buffers, key + (k,)) for k, v in obj.items()}

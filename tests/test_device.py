@@ -322,20 +322,22 @@ def test_the_snapshot_of_a_gpu_state_does_not_wait_for_the_gpu(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "Event", Event)
     Event.log = []
     weights = torch.empty(3, device="meta")
+    conv = torch.empty(2, 3, 2, 2, device="meta").to(memory_format=torch.channels_last)
     env = SimpleNamespace(is_main=True)
     path = tmp_path / "checkpoint.pt"
-    ckpt = common.Checkpointer(path, env, SimpleNamespace(save_every=10, epochs=20), 0, lambda epoch: {"epoch": epoch, "w": weights})
+    ckpt = common.Checkpointer(path, env, SimpleNamespace(save_every=10, epochs=20), 0, lambda epoch: {"epoch": epoch, "w": weights, "conv": conv})
     with Copies() as hook:
         ckpt.epoch_done(1)
         ckpt.epoch_done(2)
-    assert [blocking for _, blocking in hook.copies] == [True, True]  # non_blocking
-    assert hook.copies[0][0] == hook.copies[1][0]  # one buffer, reused
+    assert [blocking for _, blocking in hook.copies] == [True] * 4  # non_blocking
+    assert hook.copies[:2] == hook.copies[2:]  # the same buffers, reused
     assert Event.log == ["record", "record"] and not path.exists()  # nothing waited for yet
     with pytest.raises(SystemExit), common.stop_safely(ckpt, common.Logger(tmp_path, env)):
         os.kill(os.getpid(), signal.SIGTERM)
     assert Event.log[-1] == "synchronize"
     saved = torch.load(path, weights_only=True)
-    assert saved["epoch"] == 2 and torch.equal(saved["w"], torch.full((3,), 2.0))
+    assert saved["epoch"] == 2 and torch.equal(saved["w"], torch.full((3,), 3.0))
+    assert saved["conv"].is_contiguous(memory_format=torch.channels_last)  # the source's layout: one plain copy
 
 
 # --- evaluation reads the dataset where it was placed ---------------------------------------------------------
