@@ -16,7 +16,7 @@ import data
 
 
 def process(rank, port, record, argv, stop_at):
-    """One process of the run, forked from this one (no second import of torch): cc.main with
+    """One process of the run, forked from a server that has imported torch and cc once: cc.main with
     data.batches wrapped to record every training batch's indices (with the epoch's call number)
     and, at training step `stop_at`, to send itself SIGTERM, as a cluster scheduler pre-empting the
     job would (both processes at the same step, so no collective is left open)."""
@@ -59,8 +59,10 @@ def start(tmp_path, image_folder, name, *extra, stop_at=-1, tag=""):
     argv = ["--dataset", image_folder, "--max-images", IMAGES, "--image-size", 32, "--batch-size", BATCH, "--epochs", EPOCHS,
             "--backbone", "resnet18", "--eval-every", 0, "--save-every", 10, "--run-name", name, "--out-dir", tmp_path,
             "--data-root", tmp_path / "data", "--device", "cpu", "--threads", 1, *extra]
-    procs = [mp.get_context("fork").Process(target=process, args=(rank, port, record, [str(v) for v in argv], stop_at))
-             for rank in range(2)]
+    # Not forked from this process: autograd cannot be forked once it has run (other tests may have).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["cc", "data", "test_torchrun"])
+    procs = [ctx.Process(target=process, args=(rank, port, record, [str(v) for v in argv], stop_at)) for rank in range(2)]
     for p in procs:
         p.start()
     return procs, record
