@@ -494,19 +494,24 @@ def _vector(values, device):
 
 
 def to_device(tensors, device):
-    """CPU tensors on `device` after ONE copy: packed into one (pinned, for CUDA) byte buffer and
-    sent without blocking, then viewed back. A list of tensors; on the CPU they are returned as they are."""
+    """CPU tensors on `device` after ONE copy: packed into one byte buffer (pinned for CUDA), sent
+    without blocking, and viewed back. A list; on the CPU the tensors come back as they are."""
     device = torch.device(device)
     if device.type == "cpu":
         return list(tensors)
+    buf, unpack = _pack(tensors, pin=device.type == "cuda")
+    return unpack(buf.to(device, non_blocking=True))
+
+
+def _pack(tensors, pin=False):
+    """(one uint8 buffer holding the tensors' bytes, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.numel() * t.element_size() for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
-    buf = torch.empty(starts[-1] + sizes[-1] if tensors else 0, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    buf = torch.empty(starts[-1] + sizes[-1] if tensors else 0, dtype=torch.uint8, pin_memory=pin)
     for t, start, n in zip(tensors, starts, sizes):
         buf[start:start + n] = t.reshape(-1).view(torch.uint8)
-    buf = buf.to(device, non_blocking=True)
-    return [buf[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
+    return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
 def _resize_grid(offset, length, n_in, n_out):
@@ -546,7 +551,7 @@ def _resample(x, ry, rx):
 def resized_crop(x, boxes, size, flip=None):
     """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
 
-    As torchvision's resized_crop(..., antialias=True); boxes may be fractional (see
+    As torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be fractional (see
     _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output columns are
     taken in reverse order.
     """
@@ -582,11 +587,6 @@ def _per_sample(f, x):
     return f.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
 
 
-def _blend(a, b, f):
-    """f * a + (1 - f) * b, clamped to [0, 1] (torchvision's _blend), in two passes."""
-    return torch.lerp(b, a, _per_sample(f, a)).clamp_(0, 1)
-
-
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
@@ -595,16 +595,22 @@ def rgb_to_grey(x):
     return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
 
 
+def _linear_op(x, f, bright=False, sat=False):
+    """One of ColorJitter's linear ops for every sample, f (B,): _jitter_stage with one kind."""
+    yes = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
+    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat, torch.zeros_like(yes, dtype=x.dtype), yes.to(x.dtype))
+
+
 def adjust_brightness(x, f):
-    return (x * _per_sample(f, x)).clamp_(0, 1)
+    return _linear_op(x, f, bright=True)
 
 
 def adjust_contrast(x, f):
-    return _blend(x, rgb_to_grey(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    return _linear_op(x, f)
 
 
 def adjust_saturation(x, f):
-    return _blend(x, rgb_to_grey(x), f)
+    return _linear_op(x, f, sat=True)
 
 
 def adjust_hue(x, f):
@@ -617,7 +623,7 @@ def adjust_hue(x, f):
     c = v - lo  # chroma
     top = x.argmax(1, keepdim=True)  # the largest channel, the first of equals (r, then g): HSV's sector
     diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top)[:, 0]  # g - b, b - r or r - g
-    h = diff / torch.where(c > 0, c, 1.0) + (2 * top[:, 0] + 6 * _per_sample(f, x)[:, 0])
+    h = diff / (c + (c == 0)) + (2 * top[:, 0] + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
     h = torch.remainder(h, 6)[:, None]  # in [0, 6)
     ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
                           _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
@@ -677,10 +683,10 @@ def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def _jitter_stage(x, f, bright, sat, lo, hi):
-    """One of ColorJitter's linear ops per sample, all (B, 1, 1, 1): brightness (bright: x * f),
-    saturation (sat: the blend with the grey), contrast (the blend with the mean grey), or none
-    (f = 1, lo, hi = -inf, inf: the blend with weight 1 is x itself). Every sample takes both forms
-    and keeps its own: a few passes, no sync, no index."""
+    """One of ColorJitter's linear ops per sample, all (B, 1, 1, 1), as torchvision's: brightness
+    (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey), contrast (the blend with
+    the mean grey), or none (f = 1, lo, hi = -inf, inf: the blend with weight 1 is x itself), then
+    clamped to [lo, hi]. Every sample takes both forms and keeps its own: a few passes, no sync, no index."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
     return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), lo, hi)
