@@ -483,7 +483,8 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
 # Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample.
 # Each matches torchvision.transforms.v2.functional for the same parameters (test_data.py).
 # On a GPU nothing here waits for it: parameters arrive in one copy (to_device), constants are
-# made on the device once (_vector), and per-sample choices are torch.where, never an index.
+# made on the device once (_vector), and per-sample choices are torch.where, a parameter that
+# changes nothing, or a slice of the batch in an order drawn up on the CPU (the colour jitter).
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -598,7 +599,7 @@ def rgb_to_grey(x):
 def _linear_op(x, f, bright=False, sat=False):
     """One of ColorJitter's linear ops for every sample, f (B,): _jitter_stage with one kind."""
     yes = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
-    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat, torch.zeros_like(yes, dtype=x.dtype), yes.to(x.dtype))
+    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat)
 
 
 def adjust_brightness(x, f):
@@ -621,9 +622,10 @@ def adjust_hue(x, f):
     """
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
-    top = x.argmax(1, keepdim=True)  # the largest channel, the first of equals (r, then g): HSV's sector
-    diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top)[:, 0]  # g - b, b - r or r - g
-    h = diff / (c + (c == 0)) + (2 * top[:, 0] + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
+    below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
+    top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals (r, then g): HSV's sector
+    diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
+    h = diff / (c + (c == 0)) + (2 * top + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
     h = torch.remainder(h, 6)[:, None]  # in [0, 6)
     ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
                           _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
@@ -682,45 +684,49 @@ def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
 
 
-def _jitter_stage(x, f, bright, sat, lo, hi):
-    """One of ColorJitter's linear ops per sample, all (B, 1, 1, 1), as torchvision's: brightness
-    (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey), contrast (the blend with
-    the mean grey), or none (f = 1, lo, hi = -inf, inf: the blend with weight 1 is x itself), then
-    clamped to [lo, hi]. Every sample takes both forms and keeps its own: a few passes, no sync, no index."""
+def _jitter_stage(x, f, bright, sat, out=None):
+    """One of ColorJitter's linear ops per sample (f, bright, sat: (B, 1, 1, 1)), as torchvision's:
+    brightness (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey) or contrast
+    (the blend with the mean grey), clamped to [0, 1]. Every sample takes both forms and keeps its
+    own: a few passes, no sync."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
-    return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), lo, hi)
+    return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out for batched stages (CPU).
+    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU).
 
-    The hue is each sample's one costly op, so every sample does it in one shared stage: the linear
-    ops before it in its order go to stages 0-2, those after it to stages 3-5, the rest of the six
-    stages do nothing. Returns per stage (B, 6) the factor, brightness, saturation (contrast is the
-    other linear op) and the clamp bounds, and the hue factor and whether to jitter at all (B,).
+    The hue is each sample's costly op, so all do it in one stage; the linear ops before it in a
+    sample's order go to stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned).
+    With the jittered samples first, sorted by the hue's place p, the samples of each stage are one
+    slice: stage k < 3 takes those with p > k (its op order[k]), stage 3 + k those with p <= k
+    (order[k + 1]). Returns the tensors (the batch's order and its inverse; per stage (B, 6) the
+    factor, brightness or saturation (else contrast); the hue factor) in that order, and on the
+    host the number of jittered samples and each stage's slice.
     """
-    k = torch.arange(3)
-    at = (order == 3).int().argmax(1, keepdim=True)  # where the hue comes in each order
-    after = at + 1 + k
-    ops = torch.cat([torch.where(k < at, order[:, :3], -1),
-                     torch.where(after < 4, order.gather(1, after.clamp(max=3)), -1)], 1)
-    ops = torch.where(apply[:, None], ops, -1)  # (B, 6): 0 brightness, 1 contrast, 2 saturation, -1 none
-    on = ops >= 0
-    return dict(f=torch.where(on, factors.gather(1, ops.clamp(min=0)), 1.0), bright=ops == 0, sat=ops == 2,
-                lo=torch.where(on, 0.0, -math.inf), hi=torch.where(on, 1.0, math.inf), hue=factors[:, 3], hue_on=apply)
+    at = (order == 3).int().argmax(1)  # the hue's place in each order
+    perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
+    order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
+    ops = torch.cat([order[:, :3], order[:, 1:]], 1)  # (B, 6): 0 brightness, 1 contrast, 2 saturation
+    first = [int((at[:m] > k).sum()) for k in range(3)]  # stage k: [0, first[k]); stage 3 + k: [first[k], m)
+    slices = [(0, n) for n in first] + [(n, m) for n in first]
+    tensors = [perm, perm.argsort(), factors.gather(1, ops), ops == 0, ops == 2, factors[:, 3]]
+    return tensors, (m, slices)
 
 
-def _jitter(x, params):
-    """ColorJitter from _jitter_stages' parameters (in its order), on x's device."""
-    f, bright, sat, lo, hi, hue, hue_on = params
-    stage = lambda x, i: _jitter_stage(x, *(p[:, i, None, None, None] for p in (f, bright, sat, lo, hi)))
-    for i in range(3):
-        x = stage(x, i)
-    x = torch.where(hue_on[:, None, None, None], adjust_hue(x, hue), x)
-    for i in range(3, 6):
-        x = stage(x, i)
-    return x
+def _jitter(x, params, bounds):
+    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage runs on its
+    slice of the batch put in _jitter_stages' order, in place; the batch's order is restored at the end."""
+    perm, back, f, bright, sat, hue = params
+    m, slices = bounds
+    x = x[perm]
+    for i, (a, b) in enumerate(slices):
+        if i == 3 and m:
+            x[:m] = adjust_hue(x[:m], hue[:m])
+        if b > a:
+            _jitter_stage(x[a:b], *(t[a:b, i, None, None, None] for t in (f, bright, sat)), out=x[a:b])
+    return x[back]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,8 +844,10 @@ class Augmentation:
     Without a host sync: a batch's random parameters are drawn from the seeded CPU generator (as
     torchvision draws them), turned into small per-sample tensors there, and sent in one
     non-blocking copy (to_device); on the device each op runs on the whole batch, a sample that
-    skips it taking a parameter that leaves it unchanged (blur kernel [1], solarize threshold inf,
-    jitter factor 1) or torch.where keeping its input.
+    skips it taking a parameter that leaves it unchanged (blur kernel [1], solarize threshold inf)
+    or torch.where keeping its input; the colour jitter runs each of its stages on a slice of the
+    batch, sorted on the CPU (_jitter_stages). On the CPU the views are bit for bit those of
+    running each op on its own samples.
     """
 
     def __init__(self, recipe, image_size):
@@ -867,15 +875,15 @@ class Augmentation:
     def _views(self, x, g, views, sizes, extra=None):
         n, s = len(x), x.shape[-1]
         sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
-        params = [self._params(v, n, s, g, sizes) if v.random else {} for v in views]
+        drawn = [self._params(v, n, s, g, sizes) if v.random else ([], None) for v in views]
         more = list(extra()) if extra is not None else []
-        moved = iter(to_device([t for p in params for t in p.values()] + more, x.device))  # the one copy
-        params = [[next(moved) for _ in p] for p in params]
-        out = [self._apply(x, v, p) if v.random else self.eval(x) for v, p in zip(views, params)]
+        moved = iter(to_device([t for p, _ in drawn for t in p] + more, x.device))  # the one copy
+        out = [self._apply(x, v, [next(moved) for _ in p], host) if v.random else self.eval(x) for v, (p, host) in zip(views, drawn)]
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def _params(self, v, n, s, g, sizes):
-        """One View's random parameters for n images stored at s x s (CPU), as the tensors _apply reads."""
+        """One View's random parameters for n images stored at s x s (CPU): the tensors _apply reads,
+        in its order, and the jitter's slices (host numbers)."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original's width x height, as RandomResizedCrop on the full image, then cut from the same
@@ -885,26 +893,27 @@ class Augmentation:
         # flip is applied with the crop (output columns in reverse order): it commutes with the colour
         # ops, the symmetric blur and solarize, so BYOL's flip-last order gives the same images
         center[:, 1] = torch.where(q["flip"][:, None], center[:, 1].flip(-1), center[:, 1])
-        p = dict(c=c, center=center, support=support, inside=inside)
+        p, host = [c, center, support, inside], None
         if v.p_jitter > 0:
-            p.update(_jitter_stages(q["factors"], q["order"], q["jitter"]))
+            jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
+            p += jitter
         if v.p_grey > 0:
-            p["grey"] = q["gray"]
+            p.append(q["gray"])
         if v.p_blur > 0:  # an unblurred sample gets the kernel [0 .. 1 .. 0]: x itself
             k = _gaussian_kernels(q["sigma"], self.kernel)
-            p["blur"] = torch.where(q["blur"][:, None], k, (torch.arange(self.kernel) == self.kernel // 2).float())
+            p.append(torch.where(q["blur"][:, None], k, (torch.arange(self.kernel) == self.kernel // 2).float()))
         if v.p_solarize > 0:
-            p["solarize"] = torch.where(q["solarize"], 0.5, math.inf)
-        return p
+            p.append(torch.where(q["solarize"], 0.5, math.inf))
+        return p, host
 
-    def _apply(self, x, v, p):
-        """One View on x's device from _params' tensors (in its order)."""
+    def _apply(self, x, v, p, host):
+        """One View on x's device from _params' tensors and host numbers."""
         p = iter(p)
         w = _resize_weights(*(next(p) for _ in range(4)))
         x = _resample(x, w[:, 0], w[:, 1])
         per_sample = lambda t: t.view(-1, 1, 1, 1)
         if v.p_jitter > 0:
-            x = _jitter(x, [next(p) for _ in range(7)])
+            x = _jitter(x, [next(p) for _ in range(6)], host)
         if v.p_grey > 0:
             x = torch.where(per_sample(next(p)), rgb_to_grey(x), x)
         if v.p_blur > 0:
