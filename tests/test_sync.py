@@ -182,7 +182,7 @@ def test_training_step_makes_at_most_two_copies_and_no_reads(run, monkeypatch, t
     counts = count_steps(module, argv)
     assert len(counts) == 2
     for step in counts:
-        assert step["reads"] == 0 and step["copies"] <= 2, step["seen"]
+        assert step["reads"] == 0 and step["copies"] <= 2, f"{step['copies']} copies, {step['reads']} reads: {step['seen']}"
         assert step["kernels"]["augmentation"] > 0 and step["kernels"]["model"] > 0  # the counter sees the step
 
 
