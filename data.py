@@ -497,9 +497,9 @@ def _vector(values, device):
 def to_device(tensors, device):
     """CPU tensors on `device` after ONE copy: packed into one byte buffer (pinned for CUDA), sent
     without blocking, and viewed back. A list; on the CPU the tensors come back as they are."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return list(tensors)
+    device, tensors = torch.device(device), list(tensors)
+    if device.type == "cpu" or not tensors:
+        return tensors
     buf, unpack = _pack(tensors, pin=device.type == "cuda")
     return unpack(buf.to(device, non_blocking=True))
 
