@@ -176,13 +176,16 @@ class PatchifyStem(nn.Conv2d):
         super().__init__(in_chans, dim, patch_size, stride=patch_size)
 
 
-def random_masking(x, mask_ratio, generator=None):
+def random_masking(x, mask_ratio, generator=None, noise=None):
     """MAE masking by sorting per-sample noise: keep the first L*(1-mask_ratio) tokens of a random
     permutation. Returns the kept tokens (B, L_keep, D), the mask (B, L; 1 = removed) in the
-    original order, and ids_restore, the inverse permutation that puts the tokens back."""
+    original order, and ids_restore, the inverse permutation that puts the tokens back. noise (B, L)
+    on x's device, when given, is used instead of a draw from `generator` (CPU) and its copy: a
+    training step sends it with the augmentation's parameters (data.Augmentation.views' extra)."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, generator=generator).to(x.device)
+    if noise is None:
+        noise = torch.rand(B, L, generator=generator).to(x.device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
@@ -220,15 +223,15 @@ class ViT(nn.Module):
         init_vit_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward_features(self, x, mask_ratio=0.0, generator=None):
+    def forward_features(self, x, mask_ratio=0.0, generator=None, noise=None):
         """All tokens after the final norm, (B, 1 + L_kept, dim), and the MAE mask and ids_restore
-        (None without masking)."""
+        (None without masking); the mask from generator's draw, or from noise (see random_masking)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"this ViT was built for {self.image_size} px input, got {tuple(x.shape[-2:])}")
         t = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, dim)
         mask = ids_restore = None
         if mask_ratio > 0:
-            t, mask, ids_restore = random_masking(t, mask_ratio, generator)
+            t, mask, ids_restore = random_masking(t, mask_ratio, generator, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
         t = torch.cat([cls, t], dim=1)
         for block in self.blocks:

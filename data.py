@@ -15,6 +15,7 @@ on the full original image and evaluate on the whole image resized to size x siz
         x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -489,49 +490,101 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
 # ---------------------------------------------------------------------------------------------
 # Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample.
 # Each matches torchvision.transforms.v2.functional for the same parameters (test_data.py).
+# On a GPU nothing here waits for it: parameters arrive in one copy (to_device), constants are
+# made on the device once (_vector), and per-sample choices are torch.where, a parameter that
+# changes nothing, or a slice of the batch in an order drawn up on the CPU (the colour jitter).
 # ---------------------------------------------------------------------------------------------
 
-def _resize_weights(offset, length, n_in, n_out):
-    """(B, n_out, n_in) rows of antialiased bilinear weights resampling input[offset:offset+length] to n_out.
+@functools.lru_cache(maxsize=None)
+def _vector(values, device):
+    """A small constant on `device`, made there by fill kernels (a host copy would wait for the
+    GPU's queue), once per device."""
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
+
+
+def to_device(tensors, device):
+    """CPU tensors on `device` after ONE copy: packed into one byte buffer (pinned for CUDA), sent
+    without blocking, and viewed back. A list; on the CPU the tensors come back as they are."""
+    device, tensors = torch.device(device), list(tensors)
+    if device.type == "cpu" or not tensors:
+        return tensors
+    buf, unpack = _pack(tensors, pin=device.type == "cuda")
+    return unpack(buf.to(device, non_blocking=True))
+
+
+def _pack(tensors, pin=False):
+    """(one uint8 buffer holding the tensors' bytes, a function viewing a copy of it as the tensors)."""
+    tensors = [t.contiguous() for t in tensors]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
+    buf = torch.empty(starts[-1] + sizes[-1] if tensors else 0, dtype=torch.uint8, pin_memory=pin)
+    for t, start, n in zip(tensors, starts, sizes):
+        buf[start:start + n] = t.reshape(-1).view(torch.uint8)
+    return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
+
+
+def _resize_grid(offset, length, n_in, n_out):
+    """The small parts of the resampling weights of input[offset:offset+length] -> n_out pixels
+    (see _resize_weights), for offsets and lengths of any shape (...): the input pixel centres
+    c (..., n_in) and whether each lies in the box, the output centres (..., n_out), and the filter
+    support (...). Computed where offset lives: on the CPU for a training batch."""
+    scale = length / n_out
+    support = scale.clamp(min=1.0)
+    center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
+    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
+    inside = (c >= 0) & (c < length[..., None])
+    return c, center, support, inside
+
+
+def _resize_weights(c, center, support, inside):
+    """(..., n_out, n_in) rows of antialiased bilinear weights from _resize_grid's parts.
 
     Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
-    factor when shrinking, renormalised at the crop edges. offset and length may be fractional (a
+    factor when shrinking, renormalised at the crop edges. Offsets and lengths may be fractional (a
     box mapped from the original image into the stored one): the pixels whose centres lie in
     [offset, offset + length) take part, at least one when length >= 1.
     """
-    scale = length / n_out  # (B,)
-    support = scale.clamp(min=1.0)
-    center = scale[:, None] * (torch.arange(n_out, device=offset.device) + 0.5)  # (B, n_out), crop coordinates
-    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[:, None]  # (B, n_in) pixel centres, crop coordinates
-    t = (c[:, None, :] - center[:, :, None]) / support[:, None, None]
-    inside = ((c >= 0) & (c < length[:, None]))[:, None, :]
-    w = (1 - t.abs()).clamp(min=0) * inside
+    t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
+    w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
     return w / w.sum(-1, keepdim=True)
+
+
+def _resample(x, ry, rx):
+    """Rows resampled by ry (B or 1, size, H), columns by rx (B or 1, size, W): two batched matrix
+    products. A uint8 input gives a float output in [0, 1]."""
+    if x.dtype == torch.uint8:
+        x, ry = x.float(), ry / 255
+    return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
 
 
 def resized_crop(x, boxes, size, flip=None):
     """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
 
-    As torchvision's resized_crop(..., antialias=True), done as two batched matrix products; boxes
-    may be fractional (see _resize_weights). A uint8 input gives a float output in [0, 1]. flip (B,)
-    bool mirrors those outputs at no cost (the column weights are reversed).
+    As torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be fractional (see
+    _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output columns are
+    taken in reverse order.
     """
-    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)
-    ry = _resize_weights(top, h, x.shape[-2], size)
-    rx = _resize_weights(left, w, x.shape[-1], size)
+    boxes = boxes.to(x.device, torch.float32)
+    c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], x.shape[-1], size)  # rows, columns
     if flip is not None:
-        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(1), rx)
-    if x.dtype == torch.uint8:
-        x, ry = x.float(), ry / 255
-    return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
+        center[:, 1] = torch.where(flip.to(x.device)[:, None], center[:, 1].flip(-1), center[:, 1])
+    w = _resize_weights(c, center, support, inside)
+    return _resample(x, w[:, 0], w[:, 1])
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_weights(stored, size, device):
+    """The weights resizing a whole stored image to size x size, made on the device once."""
+    grid = _resize_grid(torch.zeros(1, device=device), torch.full((1,), float(stored), device=device), stored, size)
+    return _resize_weights(*grid)
 
 
 def resize(x, size):
     """The whole stored image resized to size x size, i.e. the whole original resized to size x size
     (torchvision's Resize((size, size))): the eval transform, and PICI's weak view that "merely
     resizes and normalizes" the image (PICI paper, Sec. 4.1)."""
-    s = x.shape[-1]
-    return resized_crop(x, torch.tensor([[0, 0, s, s]]), size)
+    w = _whole_weights(x.shape[-1], size, x.device)
+    return _resample(x, w, w)
 
 
 def hflip(x, flip):
@@ -543,27 +596,30 @@ def _per_sample(f, x):
     return f.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
 
 
-def _blend(a, b, f):
-    """f * a + (1 - f) * b, clamped to [0, 1] (torchvision's _blend), in two passes."""
-    return torch.lerp(b, a, _per_sample(f, a)).clamp_(0, 1)
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
 def rgb_to_grey(x):
     """(B, 1, H, W) luma with torchvision's weights."""
-    w = torch.tensor([0.2989, 0.587, 0.114], device=x.device)
-    return (w @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
+    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
+
+
+def _linear_op(x, f, bright=False, sat=False):
+    """One of ColorJitter's linear ops for every sample, f (B,): _jitter_stage with one kind."""
+    yes = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
+    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat)
 
 
 def adjust_brightness(x, f):
-    return (x * _per_sample(f, x)).clamp_(0, 1)
+    return _linear_op(x, f, bright=True)
 
 
 def adjust_contrast(x, f):
-    return _blend(x, rgb_to_grey(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    return _linear_op(x, f)
 
 
 def adjust_saturation(x, f):
-    return _blend(x, rgb_to_grey(x), f)
+    return _linear_op(x, f, sat=True)
 
 
 def adjust_hue(x, f):
@@ -572,19 +628,16 @@ def adjust_hue(x, f):
     The HSV round trip as a few elementwise ops: the hue h in sixths from the largest channel, then
     each channel is min + chroma * ramp(h), with the three piecewise-linear ramps of HSV->RGB.
     """
-    r, g, b = x.unbind(1)
-    v, lo = x.amax(1), x.amin(1)
+    lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
-    cs = torch.where(c > 0, c, 1.0)
-    is_r, is_g = v == r, v == g
-    h = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).div_(cs)
-    h += torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6 * _per_sample(f, x)[:, 0]
-    h = torch.remainder(h, 6)  # in [0, 6)
-    out = torch.empty_like(x)
-    torch.addcmul(lo, (h - 3).abs_().sub_(1).clamp_(0, 1), c, out=out[:, 0])  # R: 1 outside [1, 5]
-    torch.addcmul(lo, (h - 2).abs_().neg_().add_(2).clamp_(0, 1), c, out=out[:, 1])  # G: peak at 2
-    torch.addcmul(lo, (h - 4).abs_().neg_().add_(2).clamp_(0, 1), c, out=out[:, 2])  # B: peak at 4
-    return out
+    below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
+    top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals (r, then g): HSV's sector
+    diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
+    h = diff / (c + (c == 0)) + (2 * top + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
+    h = torch.remainder(h, 6)[:, None]  # in [0, 6)
+    ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
+                          _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
+    return torch.addcmul(lo[:, None], ramps, c[:, None])
 
 
 def grayscale(x):
@@ -598,47 +651,90 @@ def blur_kernel_size(size):
     return k + 1 - k % 2
 
 
-def gaussian_blur(x, kernel_size, sigma):
-    """Gaussian blur with sigma (B,) per sample and reflect padding, as torchvision's gaussian_blur.
+def _gaussian_kernels(sigma, kernel_size):
+    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return k / k.sum(1, keepdim=True)
 
-    Separable: one banded (H, H) matrix per sample (reflection folded in), applied to rows and columns.
-    """
-    n, r = x.shape[-1], kernel_size // 2
-    if r >= n:
-        raise ValueError(f"blur kernel {kernel_size} too large for {n} px images")
-    t = torch.arange(-r, r + 1, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma.to(x.device)[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)  # (B, kernel_size)
-    src = (torch.arange(n, device=x.device)[:, None] + t).abs()
-    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)  # reflect without repeating the edge
+
+@functools.lru_cache(maxsize=None)
+def _reflect_index(n, kernel_size, device):
+    """(n, kernel_size): the source pixel of each tap, reflected at the edges without repeating them."""
+    r = kernel_size // 2
+    src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
+    return torch.where(src > n - 1, 2 * (n - 1) - src, src)
+
+
+def _blur(x, k):
+    """Separable blur of each sample with its own kernel k (B, kernel_size), reflect padding: one banded
+    (H, H) matrix per sample (reflection folded in), applied to rows and columns."""
+    n, size = x.shape[-1], k.shape[1]
+    if size // 2 >= n:
+        raise ValueError(f"blur kernel {size} too large for {n} px images")
     m = torch.zeros(len(x), n, n, device=x.device)
-    m.scatter_add_(2, src.expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
+    m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
     return m[:, None] @ x @ m.transpose(1, 2)[:, None]
 
 
+def gaussian_blur(x, kernel_size, sigma):
+    """Gaussian blur with sigma (B,) per sample and reflect padding, as torchvision's gaussian_blur."""
+    return _blur(x, _gaussian_kernels(sigma.to(x.device), kernel_size))
+
+
 def solarize(x, threshold=0.5):
+    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
     return torch.where(x >= threshold, 1 - x, x)
 
 
 def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    mean = torch.tensor(mean, device=x.device)[:, None, None]
-    std = torch.tensor(std, device=x.device)[:, None, None]
-    return (x - mean) / std
+    return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
 
 
-def _on(x, mask, fn, *params):
-    """x with fn applied to the samples where mask (B,) is True (x may be overwritten); no loop over images.
+def _jitter_stage(x, f, bright, sat, out=None):
+    """One of ColorJitter's linear ops per sample (f, bright, sat: (B, 1, 1, 1)), as torchvision's:
+    brightness (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey) or contrast
+    (the blend with the mean grey), clamped to [0, 1]. Every sample takes both forms and keeps its
+    own: a few passes, no sync."""
+    grey = rgb_to_grey(x)
+    toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
+    return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
-    Runs fn on the selected samples only (cheaper than torch.where over the whole batch); the mask
-    lives on the CPU, so selecting costs no device sync.
+
+def _jitter_stages(factors, order, apply):
+    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU).
+
+    The hue is each sample's costly op, so all do it in one stage; the linear ops before it in a
+    sample's order go to stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned).
+    With the jittered samples first, sorted by the hue's place p, the samples of each stage are one
+    slice: stage k < 3 takes those with p > k (its op order[k]), stage 3 + k those with p <= k
+    (order[k + 1]). Returns the tensors (the batch's order and its inverse; per stage (B, 6) the
+    factor, brightness or saturation (else contrast); the hue factor) in that order, and on the
+    host the number of jittered samples and each stage's slice.
     """
-    idx = mask.nonzero().squeeze(1)
-    if len(idx) == len(x):
-        return fn(x, *(p.to(x.device) for p in params))
-    if len(idx):
-        idx_d = idx.to(x.device)
-        x[idx_d] = fn(x[idx_d], *(p[idx].to(x.device) for p in params))
-    return x
+    at = (order == 3).int().argmax(1)  # the hue's place in each order
+    perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
+    order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
+    ops = torch.cat([order[:, :3], order[:, 1:]], 1)  # (B, 6): 0 brightness, 1 contrast, 2 saturation
+    first = [int((at[:m] > k).sum()) for k in range(3)]  # stage k: [0, first[k]); stage 3 + k: [first[k], m)
+    slices = [(0, n) for n in first] + [(n, m) for n in first]
+    tensors = [perm, perm.argsort(), factors.gather(1, ops), ops == 0, ops == 2, factors[:, 3]]
+    return tensors, (m, slices)
+
+
+def _jitter(x, params, bounds):
+    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage runs on its
+    slice of the batch put in _jitter_stages' order, in place; the batch's order is restored at the end."""
+    perm, back, f, bright, sat, hue = params
+    m, slices = bounds
+    x = x[perm]
+    for i, (a, b) in enumerate(slices):
+        if i == 3 and m:
+            x[:m] = adjust_hue(x[:m], hue[:m])
+        if b > a:
+            _jitter_stage(x[a:b], *(t[a:b, i, None, None, None] for t in (f, bright, sat)), out=x[a:b])
+    return x[back]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,15 +794,6 @@ def sample_jitter(n, strengths, g):
     return factors, order
 
 
-def color_jitter(x, factors, order, apply):
-    """ColorJitter on the samples where apply (B,) is True, the four ops in each sample's own order."""
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for step in range(4):
-        for o, op in enumerate(ops):
-            x = _on(x, apply & (order[:, step] == o), op, factors[:, o])
-    return x
-
-
 @dataclass(frozen=True)
 class View:
     """One view's random transform, as data: each method file declares its recipe as two Views.
@@ -761,6 +848,14 @@ class Augmentation:
     resized with the recipe's normalisation (both views must share it). The blur kernel is an odd
     ~10% of image_size (23 at 224 px as in the papers, scaled down for smaller images as
     torchvision users do).
+
+    Without a host sync: a batch's random parameters are drawn from the seeded CPU generator (as
+    torchvision draws them), turned into small per-sample tensors there, and sent in one
+    non-blocking copy (to_device); on the device each op runs on the whole batch, a sample that
+    skips it taking a parameter that leaves it unchanged (blur kernel [1], solarize threshold inf)
+    or torch.where keeping its input; the colour jitter runs each of its stages on a slice of the
+    batch, sorted on the CPU (_jitter_stages). On the CPU the views are bit for bit those of
+    running each op on its own samples.
     """
 
     def __init__(self, recipe, image_size):
@@ -773,33 +868,69 @@ class Augmentation:
         self.kernel = blur_kernel_size(image_size)
         self.norm = recipe[0].norm
 
-    def views(self, x, generator, sizes=None):
+    def views(self, x, generator, sizes=None, extra=None):
         """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
-        -> two float32 (B, 3, size, size) views on x's device."""
-        return self.view(x, generator, self.recipe[0], sizes), self.view(x, generator, self.recipe[1], sizes)
+        -> two float32 (B, 3, size, size) views on x's device.
+
+        extra: a function drawing more CPU tensors (e.g. PICI's masking noise) after the views'
+        parameters; they travel in the same copy and come back on the device as a third item."""
+        return self._views(x, generator, self.recipe, sizes, extra)
 
     def view(self, x, g, v, sizes=None):
         """One View of the batch; a view with nothing random is the eval transform and draws nothing from g."""
-        if not v.random:
-            return self.eval(x)
+        return self._views(x, g, (v,), sizes)[0]
+
+    def _views(self, x, g, views, sizes, extra=None):
         n, s = len(x), x.shape[-1]
         sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
+        drawn = [self._params(v, n, s, g, sizes) if v.random else ([], None) for v in views]
+        more = list(extra()) if extra is not None else []
+        moved = iter(to_device([t for p, _ in drawn for t in p] + more, x.device))  # the one copy
+        out = [self._apply(x, v, [next(moved) for _ in p], host) if v.random else self.eval(x) for v, (p, host) in zip(views, drawn)]
+        return (*out, list(moved)) if extra is not None else tuple(out)
+
+    def _params(self, v, n, s, g, sizes):
+        """One View's random parameters for n images stored at s x s (CPU): the tensors _apply reads,
+        in its order, and the jitter's slices (host numbers)."""
+        q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original's width x height, as RandomResizedCrop on the full image, then cut from the same
         # part of the stored square
-        q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         boxes = stored_boxes(q["boxes"], sizes, s)
-        # flip is applied right after the crop: it commutes with the colour ops, the symmetric blur
-        # and solarize, so BYOL's flip-last order gives the same images
-        x = resized_crop(x, boxes, self.size, flip=q["flip"])
-        x = color_jitter(x, q["factors"], q["order"], q["jitter"])
-        x = _on(x, q["gray"], grayscale)
-        x = _on(x, q["blur"], lambda z, s: gaussian_blur(z, self.kernel, s), q["sigma"])
-        x = _on(x, q["solarize"], solarize)
+        c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], s, self.size)  # rows, columns
+        # flip is applied with the crop (output columns in reverse order): it commutes with the colour
+        # ops, the symmetric blur and solarize, so BYOL's flip-last order gives the same images
+        center[:, 1] = torch.where(q["flip"][:, None], center[:, 1].flip(-1), center[:, 1])
+        p, host = [c, center, support, inside], None
+        if v.p_jitter > 0:
+            jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
+            p += jitter
+        if v.p_grey > 0:
+            p.append(q["gray"])
+        if v.p_blur > 0:  # an unblurred sample gets the kernel [0 .. 1 .. 0]: x itself
+            k = _gaussian_kernels(q["sigma"], self.kernel)
+            p.append(torch.where(q["blur"][:, None], k, (torch.arange(self.kernel) == self.kernel // 2).float()))
+        if v.p_solarize > 0:
+            p.append(torch.where(q["solarize"], 0.5, math.inf))
+        return p, host
+
+    def _apply(self, x, v, p, host):
+        """One View on x's device from _params' tensors and host numbers."""
+        p = iter(p)
+        w = _resize_weights(*(next(p) for _ in range(4)))
+        x = _resample(x, w[:, 0], w[:, 1])
+        per_sample = lambda t: t.view(-1, 1, 1, 1)
+        if v.p_jitter > 0:
+            x = _jitter(x, [next(p) for _ in range(6)], host)
+        if v.p_grey > 0:
+            x = torch.where(per_sample(next(p)), rgb_to_grey(x), x)
+        if v.p_blur > 0:
+            x = _blur(x, next(p))
+        if v.p_solarize > 0:
+            x = solarize(x, per_sample(next(p)))
         return normalize(x, *v.norm) if v.norm else x
 
     def eval(self, x):
         """Deterministic: the whole image resized to image_size, plus the recipe's normalisation."""
         x = resize(x, self.size)
         return normalize(x, *self.norm) if self.norm else x
-

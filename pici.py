@@ -136,10 +136,11 @@ class Network(nn.Module):
         self.instance_head = nn.Sequential(*mlp(feature_dim)) if heads != "cluster" else None
         self.cluster_head = nn.Sequential(*mlp(num_clusters), nn.Softmax(dim=1)) if heads != "instance" else None
 
-    def forward(self, x, mask_ratio=0.0, generator=None, project=True, decode=False):
+    def forward(self, x, mask_ratio=0.0, generator=None, project=True, decode=False, noise=None):
         """z (B, 128), p (B, K), the decoder's pixels (B, L, 16*16*3) and the mask (B, L; 1 = removed);
-        a part not asked for or not built is None (parts outside the loss must not run under DDP)."""
-        tokens, mask, ids_restore = self.backbone.forward_features(x, mask_ratio, generator)
+        a part not asked for or not built is None (parts outside the loss must not run under DDP).
+        The mask comes from generator's draw, or from noise (B, L) on x's device (common.random_masking)."""
+        tokens, mask, ids_restore = self.backbone.forward_features(x, mask_ratio, generator, noise)
         h = tokens[:, 0]  # CLS after the final norm
         z = F.normalize(self.instance_head(h), dim=1) if project and self.instance_head is not None else None
         p = self.cluster_head(h) if project and self.cluster_head is not None else None
@@ -162,7 +163,7 @@ def instance_loss(z_a, z_b, temperature):
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (3)-(4)
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    positive = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, then 0..n-1: made on the device, no host copy
     return F.cross_entropy(sim, positive)  # Eq. (5) per row, Eq. (6) sum over both views / 2N
 
 
@@ -332,10 +333,13 @@ def main(argv=None):
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
             for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
-                x_a, x_b = aug.views(x, gen, ds.sizes[idx])
+                # the two masks' noise, drawn after the views' parameters, and the batch's indices (CLI's
+                # targets) travel to the device in the views' one copy
+                masks = (2, len(x), model.backbone.num_patches if args.mask_ratio > 0 else 0)
+                x_a, x_b, (noise, idx) = aug.views(x, gen, ds.sizes[idx], extra=lambda: (torch.rand(masks, generator=gen), idx))
                 with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
-                    z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, gen, **parts)
-                    z_b, p_b, pixels_b, mask_b = net(x_b, args.mask_ratio, gen, **parts)
+                    z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, noise=noise[0], **parts)
+                    z_b, p_b, pixels_b, mask_b = net(x_b, args.mask_ratio, noise=noise[1], **parts)
                 losses = []
                 if "pisd" in terms:  # target: the normalised view the encoder saw, patch by patch
                     losses.append((reconstruction_loss(pixels_a, common.patchify(x_a), mask_a)
@@ -347,7 +351,7 @@ def main(argv=None):
                     p_a, p_b = common.gather(p_a, p_b, env=env)
                     losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
                 if "cli" in terms:
-                    t_a, t_b = common.gather(*targets[:, idx.to(env.device)], env=env)
+                    t_a, t_b = common.gather(*targets[:, idx], env=env)
                     losses.append(cli_loss(p_a, p_b, t_a, t_b))
                 losses = torch.stack(losses)
                 env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16

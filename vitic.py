@@ -132,7 +132,7 @@ def instance_loss(z_a, z_b, temperature, normalize=True):
     n = len(z_a)
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # dropped from Eq. (2)'s sum, as in CC
     sim = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    positive = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, then 0..n-1: made on the device, no host copy
     return F.cross_entropy(sim, positive)  # Eq. (2) per row, Eq. (3) mean over the 2N rows
 
 

@@ -135,7 +135,7 @@ def instance_loss(z_a, z_b, temperature):
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, d): cosine similarity, Eq. (1)
     n = len(z_a)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    positive = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, then 0..n-1: made on the device, no host copy
     return F.cross_entropy(sim, positive)  # Eq. (3)-(4) per row, Eq. (2) and (5): sum over both views / 2N
 
 

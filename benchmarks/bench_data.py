@@ -2,6 +2,14 @@
 
     python benchmarks/bench_data.py --size 64 --batch 256 --data-root DATA          # CC views vs ResNet34 forward+backward on them
     python benchmarks/bench_data.py --size 64 --batch 256 --data-root DATA --pil    # also PIL transforms in a DataLoader at 224 px
+    python benchmarks/bench_data.py --count                                         # kernels, copies and reads per training step
+
+--count runs each script's real training step (its main(), stopped after two steps) with the meta
+device standing in for CUDA, and counts with a TorchDispatchMode what the step asks of the device:
+kernels (aten ops on the device, views and empty allocations left out) in the batch fetch, the
+augmentation, the model (forward, losses, backward) and the optimiser; host-to-device copies; and
+device-to-host reads (.item(), .tolist(), nonzero(), a copy back), each of which makes the host wait
+for the GPU. Nothing is timed; the counts do not depend on the machine.
 
 The goal is augmentation time < 10% of the model's. Images: --dataset (UC Merced in --data-root) when present
 (else random pixels). Runs on CUDA when present.
@@ -12,6 +20,7 @@ import importlib
 import os
 import sys
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +30,53 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: data.py and the scripts
 import data  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+COUNTED = {  # the scripts' step as published (ResNet34, ViT-Small), at a size the CPU sets up quickly
+    "cc": [], "vtcc": [], "vitic": [], "dcsc": [],
+    "pici": ["--pretrain-epochs", "0", "--train-epochs", "0", "--boost-epochs", "1"],  # boosting: masks and CLI targets
+}
+
+
+def count_main(methods, batch):
+    """Print the kernels, copies and reads per training step of each method (--count)."""
+    from conftest import make_image_folder
+    from test_sync import count_steps  # the counter the test uses (needs pytest)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_image_folder(Path(tmp) / "shapes", classes=4, per_class=batch // 2, size=(48, 40))
+        print(f"per training step (the second of two), batch {batch}, 32 px, meta device standing in for CUDA")
+        print(f"{'method':8} {'H2D copies':>10} {'D2H reads':>9} {'aug kernels':>11} {'model kernels':>13} "
+              f"{'aug/model':>9} {'batch':>5} {'optimizer':>9}")
+        for method in methods:
+            module = importlib.import_module(method)
+            extra = COUNTED[method]
+            if method == "pici":  # k-means pseudo-labels on the host at the epoch's start: outside the step
+                module = _with_fixed_targets(module)
+            argv = ["--dataset", str(folder), "--image-size", "32", "--batch-size", str(batch), "--max-images", str(2 * batch),
+                    "--epochs", "1", "--eval-every", "0", "--threads", "1", *extra, "--out-dir", tmp,
+                    "--data-root", str(Path(tmp) / "data")]
+            step = count_steps(module, argv)[-1]
+            k = step["kernels"]
+            print(f"{method:8} {step['copies']:>10} {step['reads']:>9} {k['augmentation']:>11} {k['model']:>13} "
+                  f"{100 * k['augmentation'] / k['model']:>8.1f}% {k['batch']:>5} {k['optimizer']:>9}")
+
+
+def _with_fixed_targets(module):
+    """pici with its pseudo-labels made up (zeros): the counted step is the same, k-means is skipped."""
+    class Shim:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def main(self, argv):
+            fake = lambda model, images, *a, **k: (torch.zeros(2, len(images), dtype=torch.long), 0.0)
+            real, module.cli_targets = module.cli_targets, fake
+            try:
+                return module.main(argv)
+            finally:
+                module.cli_targets = real
+    return Shim()
 
 
 def timed(fn, device, repeat):
@@ -84,7 +140,11 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for --pil")
     p.add_argument("--pil-images", type=int, default=512, help="images to push through the PIL pipeline")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--count", nargs="*", metavar="METHOD", help="count kernels, host-to-device copies and device-to-host "
+                   "reads per training step of these methods (all five when none is named); nothing is timed")
     args = p.parse_args()
+    if args.count is not None:
+        return count_main(args.count or list(COUNTED), batch=16)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,10 +44,12 @@ def premade(enabled):
         for _ in range(len(images) // batch_size):
             yield x, y, idx
 
-    def views(self, x, generator, sizes=None):
+    def views(self, x, generator, sizes=None, extra=None):
         if self.recipe not in made:
             made[self.recipe] = REAL_VIEWS(self, x, generator, sizes)
-        return made[self.recipe]
+        if extra is None:
+            return made[self.recipe]
+        return (*made[self.recipe], data.to_device(extra(), x.device))  # PICI's masking noise and indices
 
     data.batches, data.Augmentation.views = batches, views
 

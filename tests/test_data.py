@@ -251,6 +251,18 @@ def test_views_random_per_sample_and_seeded():
     assert a1.min() >= 0 and a1.max() <= 1 + 1e-6  # norm None: no normalisation
 
 
+def test_parameters_packed_for_one_copy():
+    """to_device's packing: tensors of every dtype and shape come back bit for bit from one buffer."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.rand(5, 3, generator=g), torch.rand(7, generator=g) < 0.5, torch.randperm(9, generator=g),
+               torch.rand(2, 2, generator=g).double(), torch.zeros(0), torch.tensor(3.5), torch.rand(4, 6, generator=g).T]
+    buf, unpack = data._pack(tensors)
+    assert buf.dtype == torch.uint8 and buf.dim() == 1
+    out = unpack(buf.clone())  # a copy, as the device gets one
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(out, tensors))
+    assert data.to_device(tensors, "cpu")[0] is tensors[0]  # on the CPU nothing is copied
+
+
 def test_augmentation_bad_recipe():
     with pytest.raises(ValueError, match="two data.View"):
         data.Augmentation("simclr", 32)
