@@ -321,21 +321,81 @@ def arg(default, help, **kwargs):
 # What an --eval-only run does not take from its checkpoint: where this run writes and what it runs on.
 RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic",
             "data_on_device", "threads")
+# What a --resume may change: how long and how often, where it writes, what it runs on. Nothing here
+# changes what is trained (model, data, recipe), so the resumed run is the run that was started, only
+# longer. PICI's stage lengths are its --epochs (pici.py checks that the checkpoint's epoch keeps its
+# stage). --precision: the weights and Adam's state are fp32 under any autocast; only fp16 has a loss
+# scale of its own, so a change to or from fp16 is refused.
+RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_epochs", "eval_every", "save_every",
+                          "tensorboard", "export_features", "data_root", "cache_dir")
 
 
 def parse_args(cls, argv=None, description=None, method=None):
-    """The command line as a `cls`. With --eval-only the arguments the checkpoint was trained with
-    are the defaults (dataset, data root, image size, K, the method's settings), and the flags given
-    on this command line override them."""
+    """The command line as a `cls`. --eval-only and --resume take the arguments the checkpoint was
+    trained with (dataset, data root, image size, K, the method's settings). With --eval-only the
+    flags given override them; with --resume only RESUME_SAFE flags may differ from them, and any
+    other given flag is an error naming both values."""
     args = vars(parser(cls, description).parse_args(argv))
     check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
+    if not (args["eval_only"] or args["resume"]):
+        return cls(**args)
+    given = vars(parser(cls, description, given_only=True).parse_args(argv))
     if args["eval_only"]:
-        given = vars(parser(cls, description, given_only=True).parse_args(argv))
         trained = read_checkpoint(args["eval_only"], method)["args"]
         if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
             trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
         args.update({k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given)
+        return cls(**args)
+    path = args["resume"] if args["resume"] != "auto" else resume_auto(cls(**args), method, given)
+    if path is None:  # --resume auto with no checkpoint yet: a fresh start with this command line
+        return cls(**args)
+    if args["resume"] == "auto":
+        args["run_name"] = path.parent.name  # the folder found, not merely the newest (run_dir)
+    state = read_checkpoint(path, method, mmap=True)
+    trained = state["args"]
+    differ = conflicts(trained, given)
+    check(not differ, f"--resume continues the run as it was started, and {path} was trained with {flags(differ, 1)}, "
+                      f"not {flags(differ, 2)}: leave these flags out (the run's own are used), or leave out --resume to start a new run")
+    check(given.get("epochs") is None or given["epochs"] >= state["epoch"],
+          f"--epochs {given.get('epochs')} is fewer than the {state['epoch']} epochs {path} has done: give more to extend the run")
+    args.update({k: v for k, v in trained.items() if k in args and k not in ("eval_only", "resume", "out_dir", "run_name")}, **given)
     return cls(**args)
+
+
+def conflicts(trained, given):
+    """[(flag name, the checkpoint's value, the given value)] of the given flags a --resume may not change."""
+    differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and trained[k] != v]
+    fp16 = [p == "fp16" for p in (trained.get("precision"), given.get("precision", trained.get("precision")))]
+    if fp16[0] != fp16[1]:  # the fp16 loss scale is in the checkpoint, or missing from it
+        differ.append(("precision", trained.get("precision"), given["precision"]))
+    return differ
+
+
+def flags(differ, which):
+    return " ".join(f"--{d[0].replace('_', '-')} {d[which]}" for d in differ)
+
+
+def resume_auto(args, method, given):
+    """The checkpoint `--resume auto` continues, or None (a fresh start): --run-name's, or the newest
+    run of this method, dataset and seed whose checkpoint was trained with the flags given. A given
+    flag none of them was trained with is an error: it would start a new run where one was meant to go on."""
+    out = Path(args.out_dir)
+    if args.run_name:
+        folders = [out / args.run_name]
+    else:
+        folders = run_folders(out, f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}")[::-1]
+    folders = [p for p in folders if (p / "checkpoint.pt").is_file()]
+    for folder in folders:
+        if not conflicts(read_checkpoint(folder / "checkpoint.pt", method, mmap=True)["args"], given):
+            return folder / "checkpoint.pt"
+    if not folders:
+        return None
+    newest = folders[0] / "checkpoint.pt"
+    differ = conflicts(read_checkpoint(newest, method, mmap=True)["args"], given)
+    others = " (nor was any other run of it)" if len(folders) > 1 else ""
+    check(False, f"--resume auto continues the run as it was started, and {newest} was trained with {flags(differ, 1)}, "
+                 f"not {flags(differ, 2)}{others}: leave these flags out to continue it, or pass a new --run-name "
+                 f"(or leave out --resume) to start a new run")
 
 
 def parser(cls, description=None, given_only=False):
@@ -542,18 +602,24 @@ def run_dir(args, method):
               f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
     else:
         base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
-        number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
-        if (out / base).exists():
-            number[out / base] = 1
-        resumable = [p for p in sorted(number, key=number.get) if (p / "checkpoint.pt").exists()]
+        runs = run_folders(out, base)
+        resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
         if args.resume == "auto" and resumable:
             path = resumable[-1]
         else:
-            path = out / f"{base}-{max(number.values()) + 1}" if number else out / base
+            path = out / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else out / base  # after the highest number
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     holder = lock_holder(path)
     check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
     return path
+
+
+def run_folders(out, base):
+    """The run folders <base>, <base>-2, <base>-3, ... in `out`, oldest (lowest number) first."""
+    number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
+    if (out / base).exists():
+        number[out / base] = 1
+    return sorted(number, key=number.get)
 
 
 # Run folders this process writes, with their open lock files. A flock lock lasts until its file is
@@ -640,14 +706,15 @@ def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **ex
     }
 
 
-def read_checkpoint(path, method):
-    """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's."""
+def read_checkpoint(path, method, mmap=False):
+    """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's.
+    mmap: map the tensors rather than read them (fast, for a look at the arguments only)."""
     path = Path(path)
     check(path.is_file(), f"no checkpoint at {path}: give the path of a run's checkpoint.pt")
     not_ours = f"not a checkpoint of this project: {path}"
     check(path.stat().st_size > 0, f"{not_ours} is empty; give the path of a run's checkpoint.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # a foreign or truncated file; torch's own message is advice about pickles
         fail(f"{not_ours} cannot be read as one (a truncated copy, or another kind of file); give the path of a run's checkpoint.pt")
     check(isinstance(state, dict) and "method" in state, f"{not_ours} holds something else; give the path of a run's checkpoint.pt")
