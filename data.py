@@ -70,7 +70,7 @@ CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 2  # bump when the decoding changes, so old caches are rebuilt (2: whole images; 1 kept a centre square)
+CACHE_VERSION = 3  # bump when the decoding changes, so old caches are rebuilt (3: every mode by its range, see to_rgb; 2: whole images)
 SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
 # Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
 CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
@@ -315,10 +315,36 @@ def _decode(path, size):
     from PIL import Image
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
         return np.asarray(im)
+
+
+def to_rgb(im):
+    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's own convert("RGB")
+    clips 16-bit greys to white and rounds 0-1 floats to black):
+    - 16-bit greys (I;16, I;16B, ...): 0-65535 to 0-255. 32-bit integer greys (I, as Pillow opens
+      some 16-bit files): the same when they fit 0-65535, else their own min-max.
+    - float greys (F): 0-1 to 0-255 when they fit it, else their own min-max (a float's scale is
+      not in the file).
+    - transparency (RGBA, LA, PA, palette or grey with a transparent colour): composited on white,
+      as an image viewer shows it; the hidden pixels' colours (often black or junk) are not data.
+    - CMYK, 1-bit, palette, YCbCr, HSV: Pillow's conversion (1-bit: 0 or 255)."""
+    from PIL import Image
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = np.asarray(im).astype(np.float64)
+        lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
+        if (x.min() < lo or x.max() > hi or not np.isfinite(x).all()):
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = float(x.min()), float(x.max())
+        grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
 
 
 def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None):
