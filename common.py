@@ -893,6 +893,8 @@ class Logger:
             with open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.scalars(record, record["epoch"])
+            if record.get("collapse"):  # evaluation_record's: said aloud, as it happens
+                self.print(collapse_warning(record, self.path, f"epoch {record['epoch']}"))
 
     def scalars(self, record, step):
         """Every number of `record` to TensorBoard at `step` (the epoch); strings and None are skipped."""
@@ -1037,7 +1039,30 @@ def evaluation_record(labels, pred, num_clusters):
     if labels is not None:
         record.update(cluster_metrics(labels.numpy(), pred.numpy()))
     record.update(cluster_health(pred.numpy(), num_clusters))
+    seen = collapse(pred, num_clusters, labels)
+    if seen:  # only then: a healthy run's records keep their keys
+        record["collapse"] = seen
     return record
+
+
+def collapse(pred, num_clusters, labels=None):
+    """What looks like a collapse in these assignments, in words, or None: fewer than half of the K
+    clusters used (or one only), or more than half of the images in one cluster when K > 2 (and more
+    than the largest class holds, when the labels are known)."""
+    counts = torch.bincount(pred, minlength=num_clusters)
+    used, top, share = int((counts > 0).sum()), int(counts.argmax()), float(counts.max()) / len(pred)
+    largest = float(torch.bincount(labels).max()) / len(labels) if labels is not None else 0.0
+    seen = []
+    if used < num_clusters / 2 or used == 1:
+        seen.append(f"use {used} of the {num_clusters} clusters")
+    if num_clusters > 2 and share > max(0.5, largest) and used > 1:
+        seen.append(f"put {share:.0%} of the images in cluster {top}")
+    return "the predictions " + " and ".join(seen) if seen else None
+
+
+def collapse_warning(record, run_path, when):
+    return (f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of every evaluation "
+            f"(empty, max_share, entropy) is in {Path(run_path) / 'log.jsonl'}")
 
 
 def write_results(path, ds, pred, conf, record, extra):
@@ -1236,7 +1261,8 @@ def finish(run_path, ds, pred, conf, env, logger, **stats):
     """Final evaluation record, result files and the closing lines on the console (rank 0)."""
     record = evaluation_record(ds.labels, pred, ds.num_classes)
     stats.update(device=str(env.device), precision=env.precision, peak_memory_mb=round(peak_memory_mb(env), 1), world_size=env.world_size)
-    write_results(run_path, ds, pred, conf, record, {**stats, **{k: record[k] for k in ("entropy", "min_share", "max_share", "empty")}})
+    health = {k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")}  # collapse: None when healthy
+    write_results(run_path, ds, pred, conf, record, {**stats, **health})
     logger.scalars(record, stats["epochs"])  # the final evaluation ends the curves
     logger.close()
     if record["nmi"] is None:
@@ -1244,4 +1270,6 @@ def finish(run_path, ds, pred, conf, env, logger, **stats):
     else:
         logger.print(f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
     logger.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {stats['epochs']} epochs | files in {run_path}")
+    if record.get("collapse"):
+        logger.print(collapse_warning(record, run_path, "final evaluation"))
     return record
