@@ -1216,7 +1216,8 @@ def load_data(args, env, with_unlabeled=False):
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
-                                 storage_size=args.storage_size, cache_dir=str(cache))
+                                 storage_size=args.storage_size, cache_dir=str(cache),
+                                 need=None if args.eval_only else args.batch_size)  # evaluation has no batch to fill
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
@@ -1237,8 +1238,6 @@ def load_data(args, env, with_unlabeled=False):
                 where == cache or cache in where.parents or where in cache.parents):
             raise
         fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
-    check(args.eval_only or len(ds.images) >= args.batch_size,  # evaluation has no batch size to fill
-          f"{ds.name} has {len(ds.images)} images, fewer than --batch-size {args.batch_size}: lower --batch-size")
     args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
     return ds
 
