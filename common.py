@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -1110,7 +1111,8 @@ def git_state(folder):
 def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
     """What clusters.png shows: the rows, largest cluster first, each (cluster id, member indices,
     label lines), at most `max_rows` of them; and the lines under them (clusters left out, empty
-    clusters). The label: cluster id, size and, with labels, its majority class and that class's share."""
+    clusters). The label: cluster id, size and, with labels, its majority class and that class's share
+    (a tie: "tie: a, b" and the share of each)."""
     num_clusters = max(num_clusters, int(pred.max()) + 1)
     sizes = torch.bincount(pred, minlength=num_clusters)
     order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]
@@ -1120,8 +1122,10 @@ def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
         lines = [f"cluster {c}", f"{len(members)} image{'s' if len(members) > 1 else ''}"]
         if labels is not None:
             counts = torch.bincount(labels[members])
-            top = int(counts.argmax())
-            lines += [classes[top] if top < len(classes) else f"class {top}", f"{counts[top] / len(members):.0%} of the cluster"]
+            tops = (counts == counts.max()).nonzero().flatten().tolist()  # a tie names every class in it
+            names = ", ".join(classes[t] if t < len(classes) else f"class {t}" for t in tops)
+            share = f"{counts[tops[0]] / len(members):.0%} of the cluster"
+            lines += [f"tie: {names}", f"{share} each"] if len(tops) > 1 else [names, share]
         rows.append((c, members, lines))
     notes = []
     if len(order) > max_rows:
@@ -1156,13 +1160,14 @@ def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clu
         top = pad + i * (size + pad)
         draw.rectangle([pad, top, panel - 1, top + size - 1], fill=(232, 232, 232))
         for j, text in enumerate(lines):
-            draw.text((2 * pad + 2, top + 1 + j * line_height), fit(text, panel - 3 * pad - 4, draw, font), fill="black", font=font)
+            text = fit(drawable(text, font), panel - 3 * pad - 4, draw, font)
+            draw.text((2 * pad + 2, top + 1 + j * line_height), text, fill="black", font=font)
         members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
         thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         strip = make_grid(thumbs, nrow=per_row, padding=pad, pad_value=1.0)  # (3, size + 2 pad, n (size + pad) + pad)
         canvas.paste(to_pil_image(strip), (panel, top - pad))
     for j, text in enumerate(notes):
-        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line_height), text, fill="black", font=font)
+        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line_height), drawable(text, font), fill="black", font=font)
     canvas.save(path)
 
 
@@ -1173,6 +1178,35 @@ def default_font(size=12):
         return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
     except TypeError:
         return ImageFont.load_default()
+
+
+# Letters that Unicode's decomposition (NFKD) leaves as they are, spelled in ASCII
+ASCII_LETTERS = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
+                 "Đ": "D", "ı": "i", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D"}
+
+
+def drawable(text, font):
+    """`text` as `font` can draw it: a character the font lacks becomes its ASCII letters (é -> e,
+    ß -> ss), else "?", rather than the font's empty box. Pillow's own scalable default font (Aileron)
+    has the ASCII characters only; class names are folder names, often accented."""
+    missing = glyph(font, "\ue000")  # a private-use character: no font draws it, so this is the missing-glyph box
+    out = []
+    for ch in text:
+        if " " <= ch <= "~" or glyph(font, ch) != missing:
+            out.append(ch)
+        else:
+            plain = ASCII_LETTERS.get(ch) or "".join(c for c in unicodedata.normalize("NFKD", ch) if " " <= c <= "~")
+            out.append(plain or "?")
+    return "".join(out)
+
+
+def glyph(font, ch):
+    """What `font` draws for `ch` (size and pixels), None when it cannot (a bitmap font outside Latin-1)."""
+    try:
+        mask = font.getmask(ch)
+    except Exception:
+        return None
+    return mask.size, bytes(mask)
 
 
 def fit(text, width, draw, font):
