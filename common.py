@@ -365,11 +365,18 @@ def parse_args(cls, argv=None, description=None, method=None):
 
 def conflicts(trained, given):
     """[(flag name, the checkpoint's value, the given value)] of the given flags a --resume may not change."""
-    differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and trained[k] != v]
+    differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
     fp16 = [p == "fp16" for p in (trained.get("precision"), given.get("precision", trained.get("precision")))]
     if fp16[0] != fp16[1]:  # the fp16 loss scale is in the checkpoint, or missing from it
         differ.append(("precision", trained.get("precision"), given["precision"]))
     return differ
+
+
+def same(key, a, b):
+    """Equal values, or the same folder of images written two ways (relative, absolute, a link)."""
+    if a == b:
+        return True
+    return key == "dataset" and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def flags(differ, which):

@@ -49,6 +49,8 @@ def test_resume_takes_the_checkpoints_arguments_and_extends_with_epochs(tmp_path
                                          "--device", "cpu", "--threads", "2", "--save-every", "5"], method="vtcc")
     assert (args.image_size, args.batch_size, args.max_images, args.vit, args.dataset) == (32, 8, 16, "tiny", str(shapes))
     assert (args.epochs, args.eval_every, args.threads, args.save_every) == (3, 1, 2, 5)
+    (tmp_path / "link").symlink_to(shapes)  # the same folder, named another way: no conflict
+    assert common.parse_args(vtcc.Args, ["--resume", str(run / "checkpoint.pt"), "--dataset", str(tmp_path / "link")], method="vtcc")
 
     # flags that change the model, the data or the recipe: one line with the checkpoint's value and the given one
     err = fails(capsys, "--resume", run / "checkpoint.pt", "--image-size", 224, "--batch-size", 256, "--out-dir", tmp_path / "runs")
