@@ -392,18 +392,20 @@ def resume_auto(args, method, given):
         folders = [out / args.run_name]
     else:
         folders = run_folders(out, f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}")[::-1]
-    folders = [p for p in folders if (p / "checkpoint.pt").is_file()]
-    for folder in folders:
-        if not conflicts(read_checkpoint(folder / "checkpoint.pt", method, mmap=True)["args"], given):
-            return folder / "checkpoint.pt"
-    if not folders:
+    checkpoints = [p / "checkpoint.pt" for p in folders if (p / "checkpoint.pt").is_file()]
+    newest = None
+    for path in checkpoints:
+        differ = conflicts(read_checkpoint(path, method, mmap=True)["args"], given)
+        if not differ:
+            return path
+        newest = newest or (path, differ)
+    if newest is None:
         return None
-    newest = folders[0] / "checkpoint.pt"
-    differ = conflicts(read_checkpoint(newest, method, mmap=True)["args"], given)
-    others = " (nor was any other run of it)" if len(folders) > 1 else ""
-    check(False, f"--resume auto continues the run as it was started, and {newest} was trained with {flags(differ, 1)}, "
-                 f"not {flags(differ, 2)}{others}: leave these flags out to continue it, or pass a new --run-name "
-                 f"(or leave out --resume) to start a new run")
+    path, differ = newest
+    others = " (nor was any other run of it)" if len(checkpoints) > 1 else ""
+    fail(f"--resume auto continues the run as it was started, and {path} was trained with {flags(differ, 1)}, "
+         f"not {flags(differ, 2)}{others}: leave these flags out to continue it, or pass a new --run-name "
+         f"(or leave out --resume) to start a new run")
 
 
 def parser(cls, description=None, given_only=False):
