@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -325,21 +326,90 @@ def arg(default, help, **kwargs):
 # What an --eval-only run does not take from its checkpoint: where this run writes and what it runs on.
 RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic",
             "data_on_device", "threads")
+# What a --resume may change: how long and how often, where it writes, what it runs on. Nothing here
+# changes what is trained (model, data, recipe), so the resumed run is the run that was started, only
+# longer. PICI's stage lengths are its --epochs (pici.py checks that the checkpoint's epoch keeps its
+# stage). --precision: the weights and Adam's state are fp32 under any autocast; only fp16 has a loss
+# scale of its own, so a change to or from fp16 is refused.
+RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_epochs", "eval_every", "save_every",
+                          "tensorboard", "export_features", "data_root", "cache_dir")
 
 
 def parse_args(cls, argv=None, description=None, method=None):
-    """The command line as a `cls`. With --eval-only the arguments the checkpoint was trained with
-    are the defaults (dataset, data root, image size, K, the method's settings), and the flags given
-    on this command line override them."""
+    """The command line as a `cls`. --eval-only and --resume take the arguments the checkpoint was
+    trained with (dataset, data root, image size, K, the method's settings). With --eval-only the
+    flags given override them; with --resume only RESUME_SAFE flags may differ from them, and any
+    other given flag is an error naming both values."""
     args = vars(parser(cls, description).parse_args(argv))
     check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
+    if not (args["eval_only"] or args["resume"]):
+        return cls(**args)
+    given = vars(parser(cls, description, given_only=True).parse_args(argv))
     if args["eval_only"]:
-        given = vars(parser(cls, description, given_only=True).parse_args(argv))
         trained = read_checkpoint(args["eval_only"], method)["args"]
         if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
             trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
         args.update({k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given)
+        return cls(**args)
+    path = args["resume"] if args["resume"] != "auto" else resume_auto(cls(**args), method, given)
+    if path is None:  # --resume auto with no checkpoint yet: a fresh start with this command line
+        return cls(**args)
+    if args["resume"] == "auto":
+        args["run_name"] = path.parent.name  # the folder found, not merely the newest (run_dir)
+    state = read_checkpoint(path, method, mmap=True)
+    trained = state["args"]
+    differ = conflicts(trained, given)
+    check(not differ, f"--resume continues the run as it was started, and {path} was trained with {flags(differ, 1)}, "
+                      f"not {flags(differ, 2)}: leave these flags out (the run's own are used), or leave out --resume to start a new run")
+    check(given.get("epochs") is None or given["epochs"] >= state["epoch"],
+          f"--epochs {given.get('epochs')} is fewer than the {state['epoch']} epochs {path} has done: give more to extend the run")
+    args.update({k: v for k, v in trained.items() if k in args and k not in ("eval_only", "resume", "out_dir", "run_name")}, **given)
     return cls(**args)
+
+
+def conflicts(trained, given):
+    """[(flag name, the checkpoint's value, the given value)] of the given flags a --resume may not change."""
+    differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
+    fp16 = [p == "fp16" for p in (trained.get("precision"), given.get("precision", trained.get("precision")))]
+    if fp16[0] != fp16[1]:  # the fp16 loss scale is in the checkpoint, or missing from it
+        differ.append(("precision", trained.get("precision"), given["precision"]))
+    return differ
+
+
+def same(key, a, b):
+    """Equal values, or the same folder of images written two ways (relative, absolute, a link)."""
+    if a == b:
+        return True
+    return key == "dataset" and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def flags(differ, which):
+    return " ".join(f"--{d[0].replace('_', '-')} {d[which]}" for d in differ)
+
+
+def resume_auto(args, method, given):
+    """The checkpoint `--resume auto` continues, or None (a fresh start): --run-name's, or the newest
+    run of this method, dataset and seed whose checkpoint was trained with the flags given. A given
+    flag none of them was trained with is an error: it would start a new run where one was meant to go on."""
+    out = Path(args.out_dir)
+    if args.run_name:
+        folders = [out / args.run_name]
+    else:
+        folders = run_folders(out, f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}")[::-1]
+    checkpoints = [p / "checkpoint.pt" for p in folders if (p / "checkpoint.pt").is_file()]
+    newest = None
+    for path in checkpoints:
+        differ = conflicts(read_checkpoint(path, method, mmap=True)["args"], given)
+        if not differ:
+            return path
+        newest = newest or (path, differ)
+    if newest is None:
+        return None
+    path, differ = newest
+    others = " (nor was any other run of it)" if len(checkpoints) > 1 else ""
+    fail(f"--resume auto continues the run as it was started, and {path} was trained with {flags(differ, 1)}, "
+         f"not {flags(differ, 2)}{others}: leave these flags out to continue it, or pass a new --run-name "
+         f"(or leave out --resume) to start a new run")
 
 
 def parser(cls, description=None, given_only=False):
@@ -589,18 +659,24 @@ def run_dir(args, method):
               f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
     else:
         base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
-        number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
-        if (out / base).exists():
-            number[out / base] = 1
-        resumable = [p for p in sorted(number, key=number.get) if (p / "checkpoint.pt").exists()]
+        runs = run_folders(out, base)
+        resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
         if args.resume == "auto" and resumable:
             path = resumable[-1]
         else:
-            path = out / f"{base}-{max(number.values()) + 1}" if number else out / base
+            path = out / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else out / base  # after the highest number
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     holder = lock_holder(path)
     check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
     return path
+
+
+def run_folders(out, base):
+    """The run folders <base>, <base>-2, <base>-3, ... in `out`, oldest (lowest number) first."""
+    number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
+    if (out / base).exists():
+        number[out / base] = 1
+    return sorted(number, key=number.get)
 
 
 # Run folders this process writes, with their open lock files. A flock lock lasts until its file is
@@ -696,14 +772,15 @@ def checkpoint_state(method, model, optimizer, env, epoch, generator, args, **ex
     }
 
 
-def read_checkpoint(path, method):
-    """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's."""
+def read_checkpoint(path, method, mmap=False):
+    """Read a checkpoint (weights_only: plain tensors and dicts) and check it is this method's.
+    mmap: map the tensors rather than read them (fast, for a look at the arguments only)."""
     path = Path(path)
     check(path.is_file(), f"no checkpoint at {path}: give the path of a run's checkpoint.pt")
     not_ours = f"not a checkpoint of this project: {path}"
     check(path.stat().st_size > 0, f"{not_ours} is empty; give the path of a run's checkpoint.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # a foreign or truncated file; torch's own message is advice about pickles
         fail(f"{not_ours} cannot be read as one (a truncated copy, or another kind of file); give the path of a run's checkpoint.pt")
     check(isinstance(state, dict) and "method" in state, f"{not_ours} holds something else; give the path of a run's checkpoint.pt")
@@ -929,6 +1006,8 @@ class Logger:
             with open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.scalars(record, record["epoch"])
+            if record.get("collapse"):  # evaluation_record's: said aloud, as it happens
+                self.print(collapse_warning(record, self.path, f"epoch {record['epoch']}"))
 
     def scalars(self, record, step):
         """Every number of `record` to TensorBoard at `step` (the epoch); strings and None are skipped."""
@@ -1073,7 +1152,30 @@ def evaluation_record(labels, pred, num_clusters):
     if labels is not None:
         record.update(cluster_metrics(labels.numpy(), pred.numpy()))
     record.update(cluster_health(pred.numpy(), num_clusters))
+    seen = collapse(pred, num_clusters, labels)
+    if seen:  # only then: a healthy run's records keep their keys
+        record["collapse"] = seen
     return record
+
+
+def collapse(pred, num_clusters, labels=None):
+    """What looks like a collapse in these assignments, in words, or None: fewer than half of the K
+    clusters used (or one only), or more than half of the images in one cluster when K > 2 (and more
+    than the largest class holds, when the labels are known)."""
+    counts = torch.bincount(pred, minlength=num_clusters)
+    used, top, share = int((counts > 0).sum()), int(counts.argmax()), float(counts.max()) / len(pred)
+    largest = float(torch.bincount(labels).max()) / len(labels) if labels is not None else 0.0
+    seen = []
+    if used < num_clusters / 2 or used == 1:
+        seen.append(f"use {used} of the {num_clusters} clusters")
+    if num_clusters > 2 and share > max(0.5, largest) and used > 1:
+        seen.append(f"put {share:.0%} of the images in cluster {top}")
+    return "the predictions " + " and ".join(seen) if seen else None
+
+
+def collapse_warning(record, run_path, when):
+    return (f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of every evaluation "
+            f"(empty, max_share, entropy) is in {Path(run_path) / 'log.jsonl'}")
 
 
 def write_results(path, ds, pred, conf, record, extra):
@@ -1121,7 +1223,8 @@ def git_state(folder):
 def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
     """What clusters.png shows: the rows, largest cluster first, each (cluster id, member indices,
     label lines), at most `max_rows` of them; and the lines under them (clusters left out, empty
-    clusters). The label: cluster id, size and, with labels, its majority class and that class's share."""
+    clusters). The label: cluster id, size and, with labels, its majority class and that class's share
+    (a tie: "tie: a, b" and the share of each)."""
     num_clusters = max(num_clusters, int(pred.max()) + 1)
     sizes = torch.bincount(pred, minlength=num_clusters)
     order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]
@@ -1131,8 +1234,10 @@ def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
         lines = [f"cluster {c}", f"{len(members)} image{'s' if len(members) > 1 else ''}"]
         if labels is not None:
             counts = torch.bincount(labels[members])
-            top = int(counts.argmax())
-            lines += [classes[top] if top < len(classes) else f"class {top}", f"{counts[top] / len(members):.0%} of the cluster"]
+            tops = (counts == counts.max()).nonzero().flatten().tolist()  # a tie names every class in it
+            names = ", ".join(classes[t] if t < len(classes) else f"class {t}" for t in tops)
+            share = f"{counts[tops[0]] / len(members):.0%} of the cluster"
+            lines += [f"tie: {names}", f"{share} each"] if len(tops) > 1 else [names, share]
         rows.append((c, members, lines))
     notes = []
     if len(order) > max_rows:
@@ -1167,13 +1272,14 @@ def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clu
         top = pad + i * (size + pad)
         draw.rectangle([pad, top, panel - 1, top + size - 1], fill=(232, 232, 232))
         for j, text in enumerate(lines):
-            draw.text((2 * pad + 2, top + 1 + j * line_height), fit(text, panel - 3 * pad - 4, draw, font), fill="black", font=font)
+            text = fit(drawable(text, font), panel - 3 * pad - 4, draw, font)
+            draw.text((2 * pad + 2, top + 1 + j * line_height), text, fill="black", font=font)
         members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
         thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         strip = make_grid(thumbs, nrow=per_row, padding=pad, pad_value=1.0)  # (3, size + 2 pad, n (size + pad) + pad)
         canvas.paste(to_pil_image(strip), (panel, top - pad))
     for j, text in enumerate(notes):
-        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line_height), text, fill="black", font=font)
+        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line_height), drawable(text, font), fill="black", font=font)
     canvas.save(path)
 
 
@@ -1184,6 +1290,35 @@ def default_font(size=12):
         return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
     except TypeError:
         return ImageFont.load_default()
+
+
+# Letters that Unicode's decomposition (NFKD) leaves as they are, spelled in ASCII
+ASCII_LETTERS = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
+                 "Đ": "D", "ı": "i", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D"}
+
+
+def drawable(text, font):
+    """`text` as `font` can draw it: a character the font lacks becomes its ASCII letters (é -> e,
+    ß -> ss), else "?", rather than the font's empty box. Pillow's own scalable default font (Aileron)
+    has the ASCII characters only; class names are folder names, often accented."""
+    missing = glyph(font, "\ue000")  # a private-use character: no font draws it, so this is the missing-glyph box
+    out = []
+    for ch in text:
+        if " " <= ch <= "~" or glyph(font, ch) != missing:
+            out.append(ch)
+        else:
+            plain = ASCII_LETTERS.get(ch) or "".join(c for c in unicodedata.normalize("NFKD", ch) if " " <= c <= "~")
+            out.append(plain or "?")
+    return "".join(out)
+
+
+def glyph(font, ch):
+    """What `font` draws for `ch` (size and pixels), None when it cannot (a bitmap font outside Latin-1)."""
+    try:
+        mask = font.getmask(ch)
+    except Exception:
+        return None
+    return mask.size, bytes(mask)
 
 
 def fit(text, width, draw, font):
@@ -1227,7 +1362,8 @@ def load_data(args, env, with_unlabeled=False):
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
-                                 storage_size=args.storage_size, cache_dir=str(cache))
+                                 storage_size=args.storage_size, cache_dir=str(cache),
+                                 need=None if args.eval_only else args.batch_size)  # evaluation has no batch to fill
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
@@ -1248,8 +1384,6 @@ def load_data(args, env, with_unlabeled=False):
                 where == cache or cache in where.parents or where in cache.parents):
             raise
         fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
-    check(args.eval_only or len(ds.images) >= args.batch_size,  # evaluation has no batch size to fill
-          f"{ds.name} has {len(ds.images)} images, fewer than --batch-size {args.batch_size}: lower --batch-size")
     args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
     return ds
 
@@ -1272,7 +1406,8 @@ def finish(run_path, ds, pred, conf, env, logger, **stats):
     """Final evaluation record, result files and the closing lines on the console (rank 0)."""
     record = evaluation_record(ds.labels, pred, ds.num_classes)
     stats.update(device=str(env.device), precision=env.precision, peak_memory_mb=round(peak_memory_mb(env), 1), world_size=env.world_size)
-    write_results(run_path, ds, pred, conf, record, {**stats, **{k: record[k] for k in ("entropy", "min_share", "max_share", "empty")}})
+    health = {k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")}  # collapse: None when healthy
+    write_results(run_path, ds, pred, conf, record, {**stats, **health})
     logger.scalars(record, stats["epochs"])  # the final evaluation ends the curves
     logger.close()
     if record["nmi"] is None:
@@ -1280,4 +1415,6 @@ def finish(run_path, ds, pred, conf, env, logger, **stats):
     else:
         logger.print(f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
     logger.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {stats['epochs']} epochs | files in {run_path}")
+    if record.get("collapse"):
+        logger.print(collapse_warning(record, run_path, "final evaluation"))
     return record

@@ -71,7 +71,7 @@ CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 2  # bump when the decoding changes, so old caches are rebuilt (2: whole images; 1 kept a centre square)
+CACHE_VERSION = 3  # bump when the decoding changes, so old caches are rebuilt (3: every mode by its range, see to_rgb; 2: whole images)
 SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
 # Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
 CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
@@ -101,7 +101,7 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None):
+                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None):
     """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
 
     Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
@@ -109,6 +109,9 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     CIFAR 32, STL-10 96, UC Merced 256). 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
     a smallest crop (scale 0.08: 0.28 of each side) of a large image still spans 0.57 x image_size
     stored pixels.
+
+    need: the fewest images a training run can use (its --batch-size); with it, a dataset smaller than
+    one batch or than K is refused before any image is decoded (and no cache is written).
     """
     cache_dir = cache_dir or os.path.join(root, ".cache")  # where decoded folders are cached
     if num_clusters is not None and num_clusters < 2:
@@ -127,15 +130,15 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     elif name == "stl10":
         ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
     elif name in IMAGENET_WNIDS:
-        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir)
+        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need)
     elif name == "tiny-imagenet":
         folder = os.path.join(root, "tiny-imagenet-200", "train")
         if not os.path.isdir(folder):
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
     elif name == "chaoyang":
-        ds = _load_chaoyang(root, cache_dir, size, max_images, seed, workers)
+        ds = _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters, need)
     elif name in DATASETS:
         folder = os.path.join(root, name)
         if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
@@ -146,10 +149,10 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively{published}). Download it from its publisher, or pass --data-root.")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name)
+        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
     elif os.path.isdir(name):
         ds = _load_folder(name, cache_dir, size, max_images, seed, workers, num_clusters,
-                          name=os.path.basename(os.path.normpath(name)))
+                          name=os.path.basename(os.path.normpath(name)), need=need)
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
                         f"or a flat folder of images with --num-clusters")
@@ -157,6 +160,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         raise DataError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}, or the path of a folder "
                         f"of images (one sub-folder per class, or a flat folder with --num-clusters)")
     ds.num_classes = num_clusters or len(ds.classes)
+    _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # again: unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
     small = (ds.sizes < image_size).any(1)
@@ -166,6 +170,17 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
                       f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
     ds.unlabeled = unlabeled
     return ds
+
+
+def _check_count(n, need, num_clusters, classes, name):
+    """A training run needs one batch of images, and at least one image per cluster."""
+    if need is None:
+        return
+    if n < need:
+        raise DataError(f"{name} has {n} images, fewer than --batch-size {need}: lower --batch-size")
+    if n < (num_clusters or len(classes)):
+        fix = "lower --num-clusters" if num_clusters else f"raise --max-images to at least the {len(classes)} classes"
+        raise DataError(f"{name} has {n} images, fewer than the {num_clusters or len(classes)} clusters: {fix}")
 
 
 def balanced_subset(labels, n, seed, total=None):
@@ -274,12 +289,12 @@ def _load_stl10(root, size, max_images, seed, with_unlabeled):
     return ds, unlabeled
 
 
-def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir):
+def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need):
     wnids = IMAGENET_WNIDS[name]
     candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
     for folder in candidates:
         if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
-            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids)
+            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids, need=need)
     raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
                     f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
                     f"{candidates[0]}/<wnid>/)")
@@ -316,13 +331,39 @@ def _decode(path, size):
     from PIL import Image
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
         return np.asarray(im)
 
 
-def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None):
+def to_rgb(im):
+    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's own convert("RGB")
+    clips 16-bit greys to white and rounds 0-1 floats to black):
+    - 16-bit greys (I;16, I;16B, ...): 0-65535 to 0-255. 32-bit integer greys (I, as Pillow opens
+      some 16-bit files): the same when they fit 0-65535, else their own min-max.
+    - float greys (F): 0-1 to 0-255 when they fit it, else their own min-max (a float's scale is
+      not in the file).
+    - transparency (RGBA, LA, PA, palette or grey with a transparent colour): composited on white,
+      as an image viewer shows it; the hidden pixels' colours (often black or junk) are not data.
+    - CMYK, 1-bit, palette, YCbCr, HSV: Pillow's conversion (1-bit: 0 or 255)."""
+    from PIL import Image
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = np.asarray(im).astype(np.float64)
+        lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
+        if (x.min() < lo or x.max() > hi or not np.isfinite(x).all()):
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = float(x.min()), float(x.max())
+        grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None, need=None):
     """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
     if not os.path.isdir(folder):
         raise DataError(f"folder {folder} not found")
@@ -354,10 +395,10 @@ def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_cluster
                             f"(or a flat folder of images with --num-clusters)")
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name)
+    return _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need, num_clusters)
 
 
-def _load_chaoyang(root, cache_dir, size, max_images, seed, workers):
+def _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters=None, need=None):
     """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
     of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
     folder = os.path.join(root, "chaoyang")
@@ -387,13 +428,15 @@ def _load_chaoyang(root, cache_dir, size, max_images, seed, workers):
         raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
     labels = torch.tensor(labels, dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang")
+    return _load_files(folder, cache_dir, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang", need,
+                       num_clusters)
 
 
-def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name):
+def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need=None, num_clusters=None):
     """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
     read them from the cache. S = min(size, the largest native side)."""
     keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
+    _check_count(len(keep) if keep is not None else len(listing), need, num_clusters, classes, name)  # before decoding
     # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
     key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
            max_images, seed, size]

@@ -108,8 +108,10 @@ class Args:
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
     eval_every: int = arg(10, "evaluate every N epochs and at the end of each stage (0: only at the end)")
     save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
-    resume: str = arg(None, "continue from a checkpoint path, or 'auto': the newest run folder holding a checkpoint (a fresh start when none)",
-                         metavar="CHECKPOINT|auto")
+    resume: str = arg(None, "continue a run as it was started, with the arguments in its checkpoint: a path, or 'auto' (the "
+                         "newest run folder of this method, dataset and seed whose checkpoint fits the flags given; a fresh start "
+                         "when none has one). Give only run flags (--epochs or the stage lengths to extend, --eval-every, --save-every, --device, "
+                         "--threads, ...): one that changes the model, data or recipe is an error", metavar="CHECKPOINT|auto")
     eval_only: str = arg(None, "only evaluate this checkpoint, with the arguments it was trained with (flags given override "
                                "them, e.g. --dataset another/folder), and write the result files", metavar="CHECKPOINT")
     out_dir: str = arg("runs", "where run folders are written")

@@ -152,7 +152,7 @@ def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_o
     run("part", "--epochs", 3)
     state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert state["stage"] == "boost" and state["stages"] == [1, 1, 2] and state["epoch"] == 3
-    resumed = run("part", "--resume", "auto")
+    resumed = run("part", "--resume", "auto", "--epochs", 4)  # the run was started with --epochs 3: extended
     assert "resumed from epoch 3 (stage boost)" in resumed and "final: NMI" in full
     a = check_run_files(tmp_path / "full", 64, 4)
     b = json.loads((tmp_path / "part" / "final.json").read_text())

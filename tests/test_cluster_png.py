@@ -1,0 +1,32 @@
+"""clusters.png: a tied majority says so, and class names are drawn with glyphs the font has."""
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+
+
+def test_a_tie_names_every_class_in_it():
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])
+    pred = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    rows, _ = common.grid_plan(pred, 2, labels, ["agricultural", "beach", "forest", "river"])
+    assert [lines for _, _, lines in rows] == [["cluster 0", "5 images", "tie: agricultural, beach", "40% of the cluster each"],
+                                               ["cluster 1", "3 images", "river", "100% of the cluster"]]
+
+
+def test_names_the_font_cannot_draw_are_spelled_in_ascii():
+    font = common.default_font()
+    assert common.drawable("plage é", font) == "plage e"
+    assert common.drawable("Straße Œuvre Ñandú", font) == "Strasse OEuvre Nandu"
+    assert common.drawable("川 river", font) == "? river"
+    assert common.drawable("beach-2 (A&B)", font) == "beach-2 (A&B)"
+
+
+def test_clusters_png_draws_an_accented_name_as_its_letters(tmp_path):
+    """The same grid with "plage é" and with "plage e": the same pixels (before: a box for the é)."""
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    pred, labels, conf = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 1, 1]), torch.rand(6)
+    for name in ("plage é", "plage e"):
+        common.save_cluster_grid(tmp_path / f"{name}.png", images, pred, conf, labels, [name, "forêt"], num_clusters=2)
+    a, b = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("plage é", "plage e"))
+    assert a.shape == b.shape and (a == b).all()
