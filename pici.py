@@ -107,7 +107,7 @@ class Args:
     train_epochs: int = arg(None, "stage 2, L_PISD + L_PICD (Algorithm 1, lines 8-12; paper 800)", type=int)
     boost_epochs: int = arg(None, "stage 3, L_PICD + L_CLI (Algorithm 1, lines 13-17; paper 50)", type=int)
     batch_size: int = arg(96, "global batch size: PICI paper, Sec. 4.1")
-    lr: float = arg(1e-4, "Adam learning rate, one optimiser for all stages, no weight decay or schedule: PICI paper, Sec. 4.1")
+    lr: float = arg(1e-4, "Adam learning rate: PICI paper, Sec. 4.1; one optimiser for all stages, no weight decay or schedule: the authors' code")
     instance_temperature: float = arg(0.5, "tau_I of the instance loss, Eq. (5): PICI paper, Sec. 4.1")
     cluster_temperature: float = arg(1.0, "tau_C of the cluster loss, Eq. (8): PICI paper, Sec. 4.1")
     feature_dim: int = arg(128, "instance-MLP output size: PICI paper, Sec. 4.1")
