@@ -35,9 +35,9 @@ code that produced the published numbers; the parts (RECIPES below lists them as
   boosting epoch's NMI / ACC / ARI is in log.jsonl (the spread that selection picked from), and
   final.json reports the last epoch.
 - Also not copied: the code's boosting loader keeps one fixed order (the same batches every epoch,
-  the last partial batch never seen); a run resumed during boosting under `--recipe authors`
-  computes the pseudo-labels again from the resumed weights. The code blurs with PIL's
-  radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
+  the last partial batch never seen). The code blurs with PIL's radius = sigma, here a kernel of
+  ~10% of the image (23 at 224 px). The checkpoint keeps the pseudo-labels, so a run resumed
+  during boosting under `--recipe authors` goes on with those it computed.
 
 Usage: python pici.py --dataset ucmerced --epochs 1050
        python pici.py --dataset ucmerced --recipe authors     (as the authors' training script: see above)
@@ -388,12 +388,14 @@ def main(argv=None):
         logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
     ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
                                lambda epoch: common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
-                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None))
+                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None,
+                                                                     cli_targets=targets))  # kept: `--recipe authors` labels once
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    targets = None  # CLI's pseudo-labels, (2, N): one row per view
+    targets = state.get("cli_targets") if state else None  # CLI's pseudo-labels, (2, N): one row per view
+    targets = targets.to(env.device) if targets is not None else None
     with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             stage = stage_of(epoch, lengths)

@@ -296,6 +296,22 @@ def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_o
     assert all(0 <= r["cli_agreement"] <= 1 for r in log[2:])
 
 
+def test_authors_recipe_resumes_exactly_with_the_pseudo_labels_it_computed(tmp_path, image_folder):
+    """--recipe authors labels once, at the first boosting epoch: a run stopped after that epoch and
+    resumed goes on with those labels (kept in the checkpoint), as the uninterrupted run does."""
+    flags = ["--dataset", image_folder, "--max-images", 32, "--image-size", 32, "--batch-size", 16, "--eval-every", 0,
+             "--pretrain-epochs", 1, "--train-epochs", 0, "--boost-epochs", 2, "--recipe", "authors"]
+    run = lambda name, *extra: in_process(pici, *flags, "--run-name", name, *extra, out_dir=tmp_path, data_root=tmp_path / "data")
+    full = run("full")
+    run("part", "--epochs", 2)
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["cli_targets"].shape == (2, 32)
+    resumed = run("part", "--resume", "auto")
+    logs = {p: [json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("full", "part")}
+    assert [r["loss"] for r in logs["full"]] == [r["loss"] for r in logs["part"]]
+    assert "cli_agreement" not in logs["part"][-1]  # not labelled again after the resume
+    assert all(full[k] == resumed[k] for k in ("nmi", "acc", "ari"))
+
+
 def test_one_head_ablation_clusters_by_kmeans(tmp_path, image_folder):
     out = run_script("pici.py", "--dataset", image_folder, "--max-images", 128, "--image-size", 32, "--batch-size", 64,
                      "--epochs", 1, "--ablate", "pisd,cli", "--heads", "instance", "--run-name", "t7", out_dir=tmp_path, data_root=tmp_path / "data")
