@@ -86,12 +86,14 @@ def cluster_health(y_pred, num_clusters):
     }
 
 
-def kmeans(features, num_clusters, seed, n_init=10):
-    """k-means on L2-normalised features (sklearn). Returns labels and a confidence per sample:
-    the softmax over negative squared distances to the centroids, taken at the assigned one."""
+def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
+    """k-means on the features (sklearn), L2-normalised first unless normalize=False. Returns labels
+    and a confidence per sample: the softmax over negative squared distances to the centroids,
+    taken at the assigned one."""
     from sklearn.cluster import KMeans
 
-    x = F.normalize(torch.as_tensor(features).float(), dim=1).numpy()
+    x = torch.as_tensor(features).float()
+    x = (F.normalize(x, dim=1) if normalize else x).numpy()
     km = KMeans(num_clusters, n_init=n_init, random_state=seed).fit(x)
     d2 = torch.as_tensor(km.transform(x)) ** 2
     conf = torch.softmax(-d2, dim=1).max(dim=1).values
@@ -200,16 +202,18 @@ class ViT(nn.Module):
     """A ViT returning the CLS token after the final LayerNorm.
 
     stem: "conv" (VTCC, ViT-IC) or "patchify" (16x16, PICI's MAE and VTCC's Table V ablation).
-    positions: "fixed" 2-D sin-cos buffer (VTCC, ViT-IC) or "learnable" parameters initialised from
-    it (PICI). The image size sets the token grid, (image_size / 16)**2 tokens plus CLS.
+    positions: "fixed" 2-D sin-cos buffer (VTCC, ViT-IC, PICI's code) or "learnable" parameters
+    initialised from it (the PICI paper). The image size sets the token grid, (image_size / 16)**2
+    tokens plus CLS. init: the authors' code's (the papers are silent), see init_vit_weights:
+    "mocov3" (VTCC's and ViT-IC's code, both built on MoCo v3's ViT) or "mae" (PICI's code, MAE's).
     """
 
-    def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed"):
+    def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed", init="mocov3"):
         super().__init__()
         if image_size % 16 or image_size < 16:
             raise ValueError(f"image size {image_size} is not a multiple of 16: the ViT's stem down-samples by 16; use e.g. 32, 64, 128 or 224")
-        if stem not in ("conv", "patchify") or positions not in ("fixed", "learnable"):
-            raise ValueError(f"stem must be conv|patchify and positions fixed|learnable, got {stem}, {positions}")
+        if stem not in ("conv", "patchify") or positions not in ("fixed", "learnable") or init not in ("mocov3", "mae"):
+            raise ValueError(f"stem must be conv|patchify, positions fixed|learnable and init mocov3|mae, got {stem}, {positions}, {init}")
         self.image_size, self.dim = image_size, dim
         self.num_patches = (image_size // 16) ** 2
         self.stem = ConvStem(dim) if stem == "conv" else PatchifyStem(dim)
@@ -221,8 +225,13 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        init_vit_weights(self)
-        nn.init.normal_(self.cls_token, std=0.02)
+        init_vit_weights(self, split_qkv=init == "mocov3")
+        if init == "mocov3":
+            nn.init.normal_(self.cls_token, std=1e-6)  # MoCo v3's vits.py; the stem keeps torch's default (VTCC's, ViT-IC's code)
+        else:  # MAE's initialize_weights: CLS std .02; the 16x16 patch embedding as a Linear over the flattened kernel
+            nn.init.normal_(self.cls_token, std=0.02)
+            if stem == "patchify":
+                nn.init.xavier_uniform_(self.stem.weight.view(dim, -1))  # bias: torch's default, as MAE
 
     def forward_features(self, x, mask_ratio=0.0, generator=None, noise=None):
         """All tokens after the final norm, (B, 1 + L_kept, dim), and the MAE mask and ids_restore
@@ -243,11 +252,18 @@ class ViT(nn.Module):
         return self.forward_features(x)[0][:, 0]
 
 
-def init_vit_weights(module):
-    """Linear layers xavier-uniform with zero bias, LayerNorm (1, 0) (as the ViT and MAE code the authors build on)."""
-    for m in module.modules():
+def init_vit_weights(module, split_qkv=False):
+    """Linear layers Xavier-uniform with zero bias, LayerNorm (1, 0), convolutions left to torch (the
+    ViT code the authors build on: MAE's, MoCo v3's). split_qkv: MoCo v3's rule for the fused qkv
+    Linear, each of Q, K and V Xavier over its own (dim, dim) block, so bound sqrt(6 / 2 dim), about
+    1.4x the fused matrix's sqrt(6 / 4 dim); without it (MAE) one Xavier over the fused (3 dim, dim)."""
+    for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            if split_qkv and name.endswith("qkv"):
+                bound = math.sqrt(6 / (m.out_features // 3 + m.in_features))  # Xavier of one (dim, dim) block
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)

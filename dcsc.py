@@ -16,7 +16,7 @@ is read from the paper. Where it is silent or ambiguous:
   similarity, s = -JS(p, q) (default) or s = -KL(p || q); cosine is kept as an option.
 - STL-10: the unlabeled 100k images train Fproj (FLC) in a pass of their own, as CC does; the paper
   does not say so, but its 120 GPU-hours for STL-10 against 55 for CIFAR-10 imply them.
-- CR's printed sign (Eq. 3.6) would minimise the entropy; the code maximises it (see cr_loss).
+- CR's printed sign (Eq. 3.6) would minimise the entropy; this script maximises it (see cr_loss).
 
 Usage: python dcsc.py --dataset cifar10 --epochs 1000
        python dcsc.py --dataset cifar10 --ablate slc      (Table 2: k-means on Fproj's features)
@@ -66,7 +66,7 @@ class Args:
                             "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: DCSC paper, Sec. 4.2")
     batch_size: int = arg(256, "global batch size: DCSC paper, Sec. 4.2")
-    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: DCSC paper, Sec. 4.2")
+    lr: float = arg(3e-4, "Adam learning rate: DCSC paper, Sec. 4.2; no weight decay or schedule (the paper names none; CC's setting)")
     instance_temperature: float = arg(0.2, "tau_FLC of the feature-level loss: DCSC paper, Sec. 4.2")
     cluster_temperature: float = arg(1.0, "tau_CLC of the cluster-level loss: DCSC paper, Sec. 4.2")
     semantic_temperature: float = arg(1.0, "tau_SLC of the semantic-level loss: DCSC paper, Sec. 4.2")

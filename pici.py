@@ -8,24 +8,39 @@ reconstruction (PISD); then add CC's instance and cluster contrastive losses on 
 then boost with PICD plus a cross-entropy from k-means pseudo-labels of the instance features to the
 cluster head (CLI). The cluster head's argmax on the unmasked weak view is the clustering.
 
-Paper versus the authors' code (github.com/Regan-Zhang/PICI), in one place:
-- Augmentations: the paper's view a is weak (resize and normalise only), view b strong (ResizedCrop,
-  ColorJitter, Grayscale, HorizontalFlip, GaussianBlur; Sec. 3.1, 4.1) without strengths; the
-  code's weak/strong transform fixes them (BYOL's first view) and is `--recipe paper`. The code's
-  training script, which gave the published numbers, uses two strong BYOL views instead, the
-  second with solarize p 0.2: `--recipe authors`.
-- CLI: the paper runs k-means on each view's instance features (Eq. 12-13), matches each to that
-  view's cluster assignments (Eq. 14) and takes the cross-entropy per view (Eq. 15), once per
-  boosting epoch (Algorithm 1, line 14); so does this script. The code computes the pseudo-labels
-  once, at the first boosting epoch, on min-max-scaled features, matches them mini-batch by
-  mini-batch, and applies a second softmax inside its cross-entropy.
-- Position embeddings: learnable 1-D in the paper (Sec. 3.2.1), fixed sin-cos in the code; here
-  learnable, started from sin-cos.
-- Not reproduced: the code masks half of the patches at test time too; the paper does not (Sec. 4.1).
-- The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
+Paper versus the authors' code (github.com/Regan-Zhang/PICI), in one place. `--recipe paper` (the
+default) trains as the paper is written; `--recipe authors` as the code's training script did, the
+code that produced the published numbers; the parts (RECIPES below lists them as data):
+- Augmentations: paper, view a weak (resize and normalise only), view b strong (ResizedCrop,
+  ColorJitter, Grayscale, HorizontalFlip, GaussianBlur; Sec. 3.1, 4.1), strengths not given: the
+  code's weak/strong transform (BYOL's first view). Authors: two strong BYOL views, the second
+  with solarize p 0.2.
+- Position embeddings: paper, learnable 1-D (Sec. 3.2.1), started here from sin-cos; authors,
+  fixed sin-cos in encoder and decoder.
+- CLI pseudo-labels: paper, k-means on each view's instance features (Eq. 12-13), matched to that
+  view's cluster assignments over the dataset (Eq. 14), every boosting epoch (Algorithm 1, line 14),
+  the features of unmasked inputs, k-means with 10 inits (the paper gives no number). Authors: once,
+  at the first boosting epoch; the features of the two training views with half of the patches
+  masked, min-max scaled within each loader batch; k-means with 100 inits; the pseudo-labels
+  renamed to the head's argmax batch by batch in every step.
+- CLI loss: paper, cross-entropy of the softmax probabilities (Eq. 15); authors, torch's
+  CrossEntropyLoss on those probabilities, so a second softmax.
+- Initialisation (both recipes; the paper is silent): MAE's, as the code. Linear layers Xavier
+  (fused qkv as one matrix), the 16x16 patch embedding Xavier over its flattened kernel, CLS and
+  mask tokens std 0.02; the heads keep torch's default.
+- Not copied from the code (evaluation stays the paper's under both recipes): the code masks half
+  of the patches at test time too (the paper does not, Sec. 4.1); and it evaluates ground-truth ACC
+  after every boosting epoch and keeps the checkpoint with the best ACC (train_pici.py), so the
+  published numbers may be the best of the 50 boosting epochs, chosen with the labels. Here every
+  boosting epoch's NMI / ACC / ARI is in log.jsonl (the spread that selection picked from), and
+  final.json reports the last epoch.
+- Also not copied: the code's boosting loader keeps one fixed order (the same batches every epoch,
+  the last partial batch never seen). The code blurs with PIL's radius = sigma, here a kernel of
+  ~10% of the image (23 at 224 px). The checkpoint keeps the pseudo-labels, so a run resumed
+  during boosting under `--recipe authors` goes on with those it computed.
 
 Usage: python pici.py --dataset ucmerced --epochs 1050
-       python pici.py --dataset ucmerced --recipe authors     (two strong views, as the training script)
+       python pici.py --dataset ucmerced --recipe authors     (as the authors' training script: see above)
        python pici.py --image-size 32 --epochs 3 --batch-size 96   (quick look on digits, CPU: one epoch per stage)
 """
 import dataclasses
@@ -45,22 +60,36 @@ VITS = {"tiny": (192, 4), "small": (384, 6), "base": (768, 12)}  # width, blocks
 STAGES = {"pretrain": ("pisd",), "train": ("pisd", "instance", "cluster"), "boost": ("instance", "cluster", "cli")}  # Algorithm 1
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation recipes, as data. PICI paper, Sec. 3.1 and 4.1: view a weak, "merely resizes and
-# normalizes the images" (the whole image resized); view b strong, drawn from ResizedCrop,
-# ColorJitter, Grayscale, HorizontalFlip and GaussianBlur. The strengths are the authors' code's
-# weak/strong transform (BYOL's first view): RandomResizedCrop 0.08-1, ColorJitter(0.4, 0.4, 0.2,
-# 0.1) p 0.8, grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 1.0, flip; ImageNet normalisation.
-# The authors' training script uses BYOL's two strong views (the second also solarizes, p 0.2).
+# Recipes, as data. `paper`: the PICI paper as written. View a weak, "merely resizes and normalizes
+# the images" (Sec. 4.1; the whole image resized); view b strong, drawn from ResizedCrop,
+# ColorJitter, Grayscale, HorizontalFlip and GaussianBlur (Sec. 3.1), with the strengths of the
+# authors' code's weak/strong transform (BYOL's first view): RandomResizedCrop 0.08-1,
+# ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 1.0,
+# flip; ImageNet normalisation. `authors`: what the authors' training script (train_pici.py, with
+# modules/cross_level_interaction.py and models_mae.py) does where it departs from the paper:
+#   views          two strong BYOL views, the second also solarizes (p 0.2)
+#   positions      fixed sin-cos in encoder and decoder (MAE's code), not learnable (Sec. 3.2.1)
+#   relabel        CLI's pseudo-labels once, at the first boosting epoch, not every epoch (Alg. 1, line 14)
+#   masked         ... from the instance features of masked inputs (their forward always masks, 50 %)
+#   minmax         ... min-max scaled per feature within each batch of the loader (sklearn's MinMaxScaler)
+#   kmeans_inits   ... k-means with 100 initialisations (sklearn, on the scaled features, not normalised)
+#   match          renamed to the cluster head's argmax batch by batch, not over the dataset (Eq. 14)
+#   softmax_twice  cross-entropy taken on the softmax probabilities, so a second softmax (Eq. 15: one)
 # ---------------------------------------------------------------------------------------------
 WEAK = data.View(norm=data.IMAGENET)  # nothing random: the whole image resized, as at evaluation
 STRONG = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_grey=0.2, p_blur=1.0,
                    sigma=(0.1, 2.0), p_solarize=0.0, norm=data.IMAGENET)
-RECIPES = {"paper": (WEAK, STRONG), "authors": (STRONG, dataclasses.replace(STRONG, p_solarize=0.2))}
+RECIPES = {
+    "paper": {"views": (WEAK, STRONG), "positions": "learnable", "relabel": "every epoch", "masked": False,
+              "minmax": False, "kmeans_inits": 10, "match": "dataset", "softmax_twice": False},
+    "authors": {"views": (STRONG, dataclasses.replace(STRONG, p_solarize=0.2)), "positions": "fixed", "relabel": "once",
+                "masked": True, "minmax": True, "kmeans_inits": 100, "match": "batch", "softmax_twice": True},
+}
 
 
 def recipe(name, dataset=None):
-    """The two views of `--recipe name` (the same for every dataset)."""
-    return {"views": RECIPES[name]}
+    """The settings of `--recipe name` (the same for every dataset)."""
+    return RECIPES[name]
 
 
 @dataclass
@@ -78,7 +107,7 @@ class Args:
     train_epochs: int = arg(None, "stage 2, L_PISD + L_PICD (Algorithm 1, lines 8-12; paper 800)", type=int)
     boost_epochs: int = arg(None, "stage 3, L_PICD + L_CLI (Algorithm 1, lines 13-17; paper 50)", type=int)
     batch_size: int = arg(96, "global batch size: PICI paper, Sec. 4.1")
-    lr: float = arg(1e-4, "Adam learning rate, one optimiser for all stages, no weight decay or schedule: PICI paper, Sec. 4.1")
+    lr: float = arg(1e-4, "Adam learning rate: PICI paper, Sec. 4.1; one optimiser for all stages, no weight decay or schedule: the authors' code")
     instance_temperature: float = arg(0.5, "tau_I of the instance loss, Eq. (5): PICI paper, Sec. 4.1")
     cluster_temperature: float = arg(1.0, "tau_C of the cluster loss, Eq. (8): PICI paper, Sec. 4.1")
     feature_dim: int = arg(128, "instance-MLP output size: PICI paper, Sec. 4.1")
@@ -91,12 +120,16 @@ class Args:
                       "ResNet34: cc.py); 'pisd' alone is not in the table", choices=["none", "pisd", "cli", "pisd,cli"])
     heads: str = arg("both", "projectors trained: both, Eq. (2); Table 7 trains one only (instance: clusters by k-means on "
                      "its features); one head needs --ablate cli, since CLI links the two", choices=["both", "instance", "cluster"])
-    recipe: str = arg("paper", "augmentation recipe: paper = view a weak (the whole image resized), view b strong (Sec. 3.1, "
-                      "4.1; strengths from the authors' weak/strong transform); authors = two strong BYOL views, the "
-                      "second with solarize p 0.2, as the authors' training script", choices=list(RECIPES))
+    recipe: str = arg("paper", "paper = the PICI paper as written: view a weak (the whole image resized), view b strong "
+                      "(Sec. 3.1, 4.1; strengths from the authors' weak/strong transform), learnable positions, CLI "
+                      "pseudo-labels every boosting epoch (Eq. 12-15); authors = the authors' training script, which "
+                      "produced the published numbers: two strong BYOL views, fixed sin-cos positions, pseudo-labels once "
+                      "from masked, min-max-scaled features, k-means 100 inits, matched per batch, a second softmax in "
+                      "the cross-entropy (see the docstring); evaluation is the paper's in both", choices=list(RECIPES))
     cli_targets: str = arg("per-view", "CLI pseudo-labels: per-view = for each view, k-means on its instance features over "
-                           "the whole dataset (view b: one random draw) matched to its own cluster assignments, Eq. (12)-(15); "
-                           "weak = the weak view's (the whole image's) targets for both views", choices=["per-view", "weak"])
+                           "the whole dataset (a random view: one draw) matched to its own cluster assignments, Eq. (12)-(15) "
+                           "(the authors' code too); weak = the whole image's targets for both views (ours, not in the paper)",
+                           choices=["per-view", "weak"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation, masking, k-means)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
@@ -106,7 +139,8 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
                                       "(slower; CPU runs are deterministic anyway)")
     data_on_device: str = arg("auto", "keep the uint8 dataset on the GPU: auto (when it fits), yes, no", choices=["auto", "yes", "no"])
-    eval_every: int = arg(10, "evaluate every N epochs and at the end of each stage (0: only at the end)")
+    eval_every: int = arg(10, "evaluate every N epochs, at the end of each stage and after every boosting epoch (log.jsonl; "
+                               "final.json: the last epoch)")
     save_every: int = arg(10, "write the checkpoint every N epochs and at the end (Ctrl-C, SIGTERM and errors write the last finished epoch)")
     resume: str = arg(None, "continue a run as it was started, with the arguments in its checkpoint: a path, or 'auto' (the "
                          "newest run folder of this method, dataset and seed whose checkpoint fits the flags given; a fresh start "
@@ -125,15 +159,16 @@ class Args:
 
 class Network(nn.Module):
     """Masked auto-encoder (PICI paper, Sec. 3.2.1, 4.1): ViT encoder with the 16x16 patchify
-    stem and a learnable position table started from 2-D sin-cos (the paper: learnable; the authors'
-    code: fixed sin-cos), MAE decoder; an instance-MLP (to 128, L2-normalised) and a cluster-MLP (to K,
-    softmax) read the CLS token of the masked input (Sec. 3.2.2). A head left out (Table 7) is None."""
+    stem and 2-D sin-cos positions, learnable (the paper) or fixed (`positions="fixed"`: the authors'
+    code), MAE decoder, both initialised as MAE's code (the authors'); an instance-MLP (to 128,
+    L2-normalised) and a cluster-MLP (to K, softmax) read the CLS token of the masked input
+    (Sec. 3.2.2). A head left out (Table 7) is None."""
 
-    def __init__(self, num_clusters, image_size=224, vit="small", feature_dim=128, heads="both"):
+    def __init__(self, num_clusters, image_size=224, vit="small", feature_dim=128, heads="both", positions="learnable"):
         super().__init__()
         width, depth = VITS[vit]
-        self.backbone = common.ViT(image_size, width, depth, heads=12, stem="patchify", positions="learnable")
-        self.decoder = common.MAEDecoder(self.backbone.num_patches, width, dim=512, depth=8, heads=16, positions="learnable")
+        self.backbone = common.ViT(image_size, width, depth, heads=12, stem="patchify", positions=positions, init="mae")
+        self.decoder = common.MAEDecoder(self.backbone.num_patches, width, dim=512, depth=8, heads=16, positions=positions)
         mlp = lambda out: [nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out)]  # two layers (Sec. 3.2.2)
         self.instance_head = nn.Sequential(*mlp(feature_dim)) if heads != "cluster" else None
         self.cluster_head = nn.Sequential(*mlp(num_clusters), nn.Softmax(dim=1)) if heads != "instance" else None
@@ -187,11 +222,13 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     return contrastive + entropy  # Eq. (11)
 
 
-def cli_loss(p_a, p_b, targets_a, targets_b, eps=1e-8):
+def cli_loss(p_a, p_b, targets_a, targets_b, softmax_twice=False, eps=1e-8):
     """Cross-level interaction (PICI paper, Sec. 3.3, Eq. 15): cross-entropy of each view's cluster
     probabilities against that view's matched pseudo-labels (one per image). The log is taken of the
-    softmax probabilities themselves, not of a second softmax; mean over the samples."""
-    nll = [F.nll_loss(torch.log(p.float().clamp_min(eps)), t) for p, t in ((p_a, targets_a), (p_b, targets_b))]
+    softmax probabilities themselves; softmax_twice: of a second softmax over them, as the authors'
+    code (torch's CrossEntropyLoss on the probabilities). Mean over the samples."""
+    log_p = (lambda p: F.log_softmax(p.float(), dim=1)) if softmax_twice else (lambda p: torch.log(p.float().clamp_min(eps)))
+    nll = [F.nll_loss(log_p(p), t) for p, t in ((p_a, targets_a), (p_b, targets_b))]
     return (nll[0] + nll[1]) / 2  # Eq. (15): 1/2 sum over the views
 
 
@@ -206,10 +243,12 @@ def match_labels(pseudo, pred, num_clusters):
     return rename[pseudo]
 
 
-def pseudo_labels(z, p, num_clusters, seed):
-    """Eq. (12)-(14): k-means on the instance features, matched to the cluster head's argmax."""
-    pseudo, _ = common.kmeans(z, num_clusters, seed)  # Eq. (12)-(13)
-    return match_labels(pseudo, p.argmax(dim=1), num_clusters)  # Eq. (14) and the matching
+def pseudo_labels(z, p, num_clusters, seed, n_init=10, normalize=True, match=True):
+    """Eq. (12)-(14): k-means on the instance features, matched to the cluster head's argmax over the
+    dataset (match=False: k-means' own names, for the authors' matching batch by batch).
+    normalize=False: k-means on the features as given (the authors' min-max-scaled ones)."""
+    pseudo, _ = common.kmeans(z, num_clusters, seed, n_init=n_init, normalize=normalize)  # Eq. (12)-(13)
+    return match_labels(pseudo, p.argmax(dim=1), num_clusters) if match else pseudo  # Eq. (14) and the matching
 
 
 def embed(model, images, transform, env):
@@ -222,21 +261,61 @@ def embed(model, images, transform, env):
     return out
 
 
-def cli_targets(model, images, aug, env, num_clusters, seed, generator, per_view=True):
-    """The pseudo-labels of a boosting epoch (PICI paper, Sec. 3.3, Eq. 12-14), computed at its start
-    over the whole dataset: for each view k, k-means on the instance features of every image under
-    that view (the weak view as it is, a random view as one draw from `generator`), renamed to match
-    view k's cluster-head argmax. per_view=False: the weak view's (the whole image's) targets for both.
-    Returns the targets (2, N) and the share of images whose target is their head's argmax."""
-    transforms = [lambda x, v=v: aug.view(x, generator, v) for v in aug.recipe] if per_view else [aug.eval]
+def cli_features(model, images, sizes, view, env, generator, mask_ratio=0.0, order=None, chunk=512, minmax=False):
+    """Instance features and cluster probabilities (CPU fp32, dataset order) of every image under
+    `view` (a function of a uint8 batch and its originals' sizes, so random crops are drawn in the
+    original frame as in training), eval mode, `chunk` images at a time in `order` (default: dataset
+    order). mask_ratio > 0: that share of the patches masked, drawn from `generator` (the authors'
+    forward always masks). minmax: each chunk's features scaled to [0, 1] per dimension (the authors'
+    code fits sklearn's MinMaxScaler to each loader batch)."""
+    order = torch.arange(len(images)) if order is None else order
+    zs, ps = [], []
+    model.eval()
+    with torch.no_grad():
+        for idx in order.split(chunk):
+            x = view(images[idx.to(images.device)].to(env.device, non_blocking=True), sizes[idx])
+            with env.autocast():
+                z, p = model(x, mask_ratio, generator)[:2]
+            z = z.float().cpu()
+            if minmax:
+                lo, hi = z.min(dim=0).values, z.max(dim=0).values
+                z = (z - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant dimension becomes 0, as sklearn's
+            zs.append(z)
+            ps.append(p.float().cpu())
+    model.train()
+    back = order.argsort()
+    return torch.cat(zs)[back], torch.cat(ps)[back]
+
+
+def cli_targets(model, images, sizes, aug, env, num_clusters, seed, generator, per_view=True, settings=RECIPES["paper"],
+                mask_ratio=0.5, batch_size=96):
+    """CLI's pseudo-labels (PICI paper, Sec. 3.3, Eq. 12-14) over the whole dataset: for each view k,
+    k-means on the instance features of every image under that view (the weak view as it is, a random
+    view as one draw from `generator`), renamed to match view k's cluster-head argmax. per_view=False:
+    the weak view's (the whole image's) targets for both. `settings` (a recipe): the paper's, or the
+    authors' code's: features of masked inputs, taken batch by batch in one random order and min-max
+    scaled per batch, k-means with 100 inits on them, the renaming left to each training step.
+    Returns the targets (2, N) and the share of images whose (renamed) target is their head's argmax."""
+    views = [lambda x, s, v=v: aug.view(x, generator, v, s) for v in aug.recipe] if per_view else [lambda x, s: aug.eval(x)]
+    minmax = settings["minmax"]
+    order = torch.randperm(len(images), generator=generator) if minmax else None  # the authors' loader: one random order
     targets, agreement = [], []
-    for transform in transforms:
-        out = embed(model, images, transform, env)
-        targets.append(pseudo_labels(out["z"], out["p"], num_clusters, seed))
-        agreement.append((targets[-1] == out["p"].argmax(dim=1)).float().mean().item())
+    for view in views:
+        z, p = cli_features(model, images, sizes, view, env, generator, mask_ratio if settings["masked"] else 0.0, order,
+                            batch_size if minmax else 512, minmax)
+        targets.append(pseudo_labels(z, p, num_clusters, seed, settings["kmeans_inits"], normalize=not minmax,
+                                     match=settings["match"] == "dataset"))
+        head = p.argmax(dim=1)
+        agreement.append((match_labels(targets[-1], head, num_clusters) == head).float().mean().item())
     if not per_view:
         targets, agreement = targets * 2, agreement * 2
     return torch.stack(targets), sum(agreement) / 2
+
+
+def match_batch(targets, p, num_clusters):
+    """The authors' code's matching: pseudo-labels renamed to the cluster head's argmax within one
+    batch, at every step (the paper matches over the dataset, Eq. 14)."""
+    return match_labels(targets.cpu(), p.detach().argmax(dim=1).cpu(), num_clusters).to(targets.device)
 
 
 def evaluate(model, images, aug, env, num_clusters, seed):
@@ -287,9 +366,10 @@ def main(argv=None):
     run_path = common.run_dir(args, "pici")  # made only when training starts: a start that fails leaves nothing behind
     logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
     ds = common.load_data(args, env)
-    aug = data.Augmentation(recipe(args.recipe)["views"], args.image_size)
+    settings = recipe(args.recipe)
+    aug = data.Augmentation(settings["views"], args.image_size)
     # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
-    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads), env,
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads, settings["positions"]), env,
                                 compile=args.compile, find_unused=True)
     optimizer = common.adam(model.parameters(), args.lr, env)  # one optimiser for all three stages
     gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation and masking, a stream per process; rank 0's draws the shared shuffle
@@ -313,22 +393,25 @@ def main(argv=None):
         logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
     ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
                                lambda epoch: common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
-                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None))
+                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None,
+                                                                     cli_targets=targets))  # kept: `--recipe authors` labels once
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
+    targets = state.get("cli_targets") if state else None  # CLI's pseudo-labels, (2, N): one row per view
+    targets = targets.to(env.device) if targets is not None else None
     with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             stage = stage_of(epoch, lengths)
             terms = stage_terms[stage]
             parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting
             t0, steps, extra = time.perf_counter(), 0, {}
-            if "cli" in terms:  # pseudo-labels of the whole dataset at the start of each boosting epoch (Eq. 12-14)
+            if "cli" in terms and (settings["relabel"] == "every epoch" or targets is None):  # Eq. (12)-(14); authors: once
                 targets = torch.empty(2, len(ds.images), dtype=torch.long, device=env.device)  # per view
                 if env.is_main:
-                    t, extra["cli_agreement"] = cli_targets(model, images, aug, env, ds.num_classes, args.seed + epoch, gen,
-                                                            per_view=args.cli_targets == "per-view")
+                    t, extra["cli_agreement"] = cli_targets(model, images, ds.sizes, aug, env, ds.num_classes, args.seed + epoch, gen,
+                                                            args.cli_targets == "per-view", settings, args.mask_ratio, args.batch_size)
                     targets.copy_(t)
                 if env.distributed:
                     torch.distributed.broadcast(targets, src=0)
@@ -354,7 +437,9 @@ def main(argv=None):
                     losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
                 if "cli" in terms:
                     t_a, t_b = common.gather(*targets[:, idx], env=env)
-                    losses.append(cli_loss(p_a, p_b, t_a, t_b))
+                    if settings["match"] == "batch":  # the authors' code: renamed to this batch's argmax (reads the batch back)
+                        t_a, t_b = match_batch(t_a, p_a, ds.num_classes), match_batch(t_b, p_b, ds.num_classes)
+                    losses.append(cli_loss(p_a, p_b, t_a, t_b, settings["softmax_twice"]))
                 losses = torch.stack(losses)
                 env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16
                 totals += losses.detach()
@@ -367,8 +452,9 @@ def main(argv=None):
                       **extra, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
             if not torch.isfinite(torch.tensor(record["loss"])):
                 common.fail_nonfinite(epoch + 1, run_path)
-            evaluate_now = (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 in ends  # every stage's end
-            if env.is_main and evaluate_now and epoch + 1 < args.epochs:
+            # every stage's end, and every boosting epoch: the spread the authors' best-ACC checkpoint was picked from
+            evaluate_now = (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 in ends or stage == "boost"
+            if env.is_main and evaluate_now and (epoch + 1 < args.epochs or stage == "boost"):
                 pred, _ = evaluate(model, images, aug, env, ds.num_classes, args.seed)
                 record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
             logger.log(record)

@@ -14,6 +14,12 @@ Paper versus the author's code (github.com/RyanLow/vitic), in one place:
   Grayscale, GaussianBlur, HorizontalFlip, Solarize); the code's strengths are used by both recipes.
 - STL-10: "both labeled and unlabeled images" (Sec. 4.2); the code shuffles the 100k unlabeled
   images into the training set with both losses; so does this script (evaluation: labeled only).
+- Heads: the paper gives three fully-connected layers with 1344 hidden units (Sec. 4.1); the BN
+  and ReLU after the two hidden layers are the code's.
+- Initialisation (both recipes; the paper is silent): the code's ViT is MoCo v3's, initialised as
+  MoCo v3 does: Q, K and V each Xavier over its own block of the fused qkv matrix, the other Linear
+  layers Xavier, CLS token std 1e-6, the conv stem at torch's default; the heads at torch's default.
+- Adam without weight decay: the code (the paper gives the constant learning rate only).
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (13 at 128 px).
 
 Usage: python vitic.py --dataset cifar10 --epochs 1000
@@ -62,7 +68,7 @@ class Args:
                             "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: ViT-IC paper, Sec. 4.1")
     batch_size: int = arg(256, "global batch size: ViT-IC paper, Sec. 4.1")
-    lr: float = arg(1e-3, "Adam learning rate, constant, no weight decay: ViT-IC paper, Sec. 4.1")
+    lr: float = arg(1e-3, "Adam learning rate, constant: ViT-IC paper, Sec. 4.1 (no weight decay: the author's code)")
     instance_temperature: float = arg(0.5, "tau_I of the instance loss: ViT-IC paper, Sec. 4.1")
     cluster_temperature: float = arg(1.0, "tau_C of the cluster loss: ViT-IC paper, Sec. 4.1")
     feature_dim: int = arg(128, "instance head output size: ViT-IC paper, Sec. 4.1")
@@ -99,14 +105,16 @@ class Args:
 
 
 def projection_head(width, hidden, out):
-    """Three fully-connected layers, the two hidden ones with BN and ReLU (ViT-IC paper, Sec. 4.1)."""
+    """Three fully-connected layers, 1344 hidden units (ViT-IC paper, Sec. 4.1); the two hidden ones
+    followed by BN and ReLU, as the author's code (modules/model.py; the paper does not say)."""
     return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
 
 
 class Network(nn.Module):
-    """ViT backbone (conv stem, 8 blocks, width 288, 12 heads, fixed sin-cos positions, CLS token;
-    ViT-IC paper, Sec. 3.1 and 4.1), an instance head (3 layers, 1344 hidden, to 128) and a cluster
+    """ViT backbone (conv stem, 8 blocks, width 288, 12 heads, sin-cos positions, CLS token; ViT-IC
+    paper, Sec. 3.1 and 4.1; fixed positions and MoCo v3's init: the author's code), an instance
+    head (3 layers, 1344 hidden, to 128) and a cluster
     head (the same to K, softmax). The instance features are L2-normalised inside instance_loss
     (cosine similarity, Eq. 1), unless --recipe authors (the author's code omits the normalisation)."""
 

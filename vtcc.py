@@ -14,6 +14,11 @@ Paper versus the authors' code (github.com/JackKoLing/VTCC), in one place:
 - Projector hidden width: the paper says three-layer MLPs "following MoCo v3" without a width; the
   code's is 4 x the ViT width (768 tiny, 1536 small, 3072 base), used here for every --vit.
 - Temperatures and the instance feature size are not in the paper; CC's values (the code's too).
+- Adam without weight decay or schedule: the code (the paper: "initial learning rate of 0.0003").
+- Initialisation (both recipes; the paper is silent): the code's ViT is MoCo v3's, initialised as
+  MoCo v3 does: Q, K and V each Xavier over its own block of the fused qkv matrix, the other Linear
+  layers Xavier, CLS token std 1e-6; the stem's convolutions at torch's default (the code has no
+  patchify variant; Table V's patchify stem here keeps the same rule); the heads at torch's default.
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
 
 Usage: python vtcc.py --dataset rsod --epochs 1000
@@ -62,10 +67,10 @@ class Args:
                             "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
     epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
     batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
-    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: VTCC paper, Sec. III-A")
-    instance_temperature: float = arg(0.5, "tau_I, Eq. (3)-(4): the VTCC paper gives no value; CC's, whose losses VTCC adopts")
-    cluster_temperature: float = arg(1.0, "tau_C, Eq. (7)-(8): the VTCC paper gives no value; CC's, whose losses VTCC adopts")
-    feature_dim: int = arg(128, "instance projector output size: not given in the VTCC paper; CC's value")
+    lr: float = arg(3e-4, "Adam learning rate: VTCC paper, Sec. III-A (no weight decay or schedule: the authors' code)")
+    instance_temperature: float = arg(0.5, "tau_I, Eq. (3)-(4): the VTCC paper gives no value; the authors' code's (CC's, whose losses VTCC adopts)")
+    cluster_temperature: float = arg(1.0, "tau_C, Eq. (7)-(8): the VTCC paper gives no value; the authors' code's (CC's, whose losses VTCC adopts)")
+    feature_dim: int = arg(128, "instance projector output size: not given in the VTCC paper; the authors' code's (CC's value)")
     vit: str = arg("small", "ViT size: VTCC paper uses ViT-Small, 384 wide, 8 blocks (Sec. III-A); Table VI compares "
                    "tiny (192, 4 blocks), small and base (768, 12 blocks), all 12 heads", choices=list(VITS))
     stem: str = arg("conv", "patch projection: conv stem, VTCC paper, Sec. II-B1; Table V compares the 16x16 patchify stem",
@@ -110,9 +115,10 @@ def projector(width, out):
 
 
 class Network(nn.Module):
-    """ViT backbone with the convolutional stem and fixed 2-D sin-cos positions, giving the CLS token
-    after the final norm (VTCC paper, Sec. II-B, Fig. 1), an instance projector (to the row
-    space) and a cluster projector (to K, softmax). A projector left out (Table VII) is None."""
+    """ViT backbone with the convolutional stem, giving the CLS token after the final norm (VTCC paper,
+    Sec. II-B, Fig. 1; its fixed 2-D sin-cos positions and MoCo v3's init: the authors' code, the
+    paper names neither), an instance projector (to the row space) and a cluster projector (to K,
+    softmax). A projector left out (Table VII) is None."""
 
     def __init__(self, num_clusters, image_size=224, vit="small", stem="conv", feature_dim=128, heads="both"):
         super().__init__()

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import pici
-from conftest import ROOT, check_run_files, run_script
+from conftest import ROOT, check_run_files, in_process, run_script
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,14 +46,21 @@ def test_pseudo_labels_recover_obvious_clusters_in_the_heads_names():
 
 
 class MeanColour(torch.nn.Module):
-    """A toy model with PICI's outputs: z = the input's mean colour, p = a softmax of it over 4 clusters."""
+    """A toy model with PICI's outputs: z = the input's mean colour, p = a softmax of it over 4 clusters.
+    With a mask ratio it averages a random share of the rows only (drawn from the generator, as the
+    ViT's masking), and it records the mask ratios it was called with."""
 
     def __init__(self):
         super().__init__()
         self.head = torch.nn.Linear(3, 4)
         torch.nn.init.normal_(self.head.weight, std=3.0, generator=torch.Generator().manual_seed(0))
+        self.mask_ratios = []
 
-    def forward(self, x):
+    def forward(self, x, mask_ratio=0.0, generator=None):
+        self.mask_ratios.append(mask_ratio)
+        if mask_ratio > 0:
+            keep = torch.rand(x.shape[2], generator=generator).argsort()[:int(x.shape[2] * (1 - mask_ratio))]
+            x = x[:, :, keep]
         z = x.mean(dim=(2, 3))
         return z, self.head(z).softmax(dim=1), None, None
 
@@ -65,20 +73,24 @@ def colour_images(per=12):
     return x.clamp(0, 255).to(torch.uint8)
 
 
+ENV = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+WIDE = torch.tensor([[40, 120]]).expand(48, 2)  # the originals of colour_images(): 3 times as wide as high
+
+
 def test_cli_targets_per_view_on_a_toy_case():
     """Eq. (12)-(14) per view: view a's targets are k-means on its own features (the weak view: the whole
-    image) named by its own head; view b's the same on one strong draw; the option 'weak' gives view a's
-    targets to both views and draws nothing."""
-    env = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    image) named by its own head; view b's the same on one strong draw, cropped in the original (here
+    non-square) frame as training crops; the option 'weak' gives view a's targets to both views and
+    draws nothing."""
     model, images = MeanColour(), colour_images()
     aug = data.Augmentation(pici.recipe("paper")["views"], 32)
     g = torch.Generator().manual_seed(5)
     start = g.get_state()
-    targets, agreement = pici.cli_targets(model, images, aug, env, 4, seed=0, generator=g)
-    assert targets.shape == (2, len(images)) and model.training
+    targets, agreement = pici.cli_targets(model, images, WIDE, aug, ENV, 4, seed=0, generator=g)
+    assert targets.shape == (2, len(images)) and model.training and set(model.mask_ratios) == {0.0}  # unmasked (paper)
     replay = torch.Generator()
     replay.set_state(start)
-    for k, x in enumerate([aug.eval(images), aug.view(images, replay, aug.recipe[1])]):  # view b: one draw, as replayed
+    for k, x in enumerate([aug.eval(images), aug.view(images, replay, aug.recipe[1], WIDE)]):  # view b: one draw, as replayed
         z, p, _, _ = model(x)
         assert torch.equal(targets[k], pici.pseudo_labels(z, p, 4, seed=0)), k
     assert torch.equal(g.get_state(), replay.get_state())  # exactly one strong draw of the dataset
@@ -86,12 +98,129 @@ def test_cli_targets_per_view_on_a_toy_case():
     assert len(set(zip(truth.tolist(), targets[0].tolist()))) == 4  # the weak view: the four colours, renamed
     assert not torch.equal(targets[0], targets[1])  # jitter, greys and blur move view b's features: its own targets
     z_a, p_a, _, _ = model(aug.eval(images))
-    z_b, p_b, _, _ = model(aug.view(images, torch.Generator().set_state(start), aug.recipe[1]))
+    z_b, p_b, _, _ = model(aug.view(images, torch.Generator().set_state(start), aug.recipe[1], WIDE))
     expected = ((targets[0] == p_a.argmax(1)).float().mean() + (targets[1] == p_b.argmax(1)).float().mean()) / 2
     assert agreement == pytest.approx(expected.item())
-    weak, _ = pici.cli_targets(model, images, aug, env, 4, seed=0, generator=g, per_view=False)
+    weak, _ = pici.cli_targets(model, images, WIDE, aug, ENV, 4, seed=0, generator=g, per_view=False)
     assert torch.equal(weak[0], targets[0]) and torch.equal(weak[1], targets[0])
     assert torch.equal(g.get_state(), replay.get_state())  # the weak option draws nothing
+
+
+def test_cli_strong_view_is_cropped_in_the_original_frame(monkeypatch):
+    """Training crops a view in the image's original frame (ds.sizes); CLI's random view must too: a
+    crop drawn in the stored square of a 3:1 image has another aspect ratio once back in the original."""
+    model, images = MeanColour(), colour_images()
+    aug = data.Augmentation(pici.recipe("paper")["views"], 32)
+    seen, real = [], aug.view
+    monkeypatch.setattr(aug, "view", lambda x, g, v, sizes=None: seen.append(sizes) or real(x, g, v, sizes))
+    pici.cli_targets(model, images, WIDE, aug, ENV, 4, seed=0, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and all(s is not None and torch.equal(s, WIDE) for s in seen)  # both views, the originals' sizes
+    g = torch.Generator().manual_seed(3)
+    assert not torch.equal(real(images, g, aug.recipe[1], WIDE), real(images, torch.Generator().manual_seed(3), aug.recipe[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# --recipe authors: each part of the authors' CLI, one test each
+# ---------------------------------------------------------------------------------------------
+def test_authors_cli_features_are_of_masked_inputs():
+    model, images = MeanColour(), colour_images()
+    aug = data.Augmentation(pici.recipe("authors")["views"], 32)
+    pici.cli_targets(model, images, WIDE, aug, ENV, 4, seed=0, generator=torch.Generator().manual_seed(0),
+                     settings=pici.recipe("authors"), mask_ratio=0.5, batch_size=16)
+    assert set(model.mask_ratios) == {0.5} and model.training  # the training mask ratio; back in training mode
+    net = pici.Network(4, 32, "tiny")
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    z, _ = pici.cli_features(net, x, torch.full((6, 2), 32), lambda x, s: aug.eval(x), ENV, torch.Generator().manual_seed(1), mask_ratio=0.5)
+    net.eval()
+    with torch.no_grad():
+        masked = net(aug.eval(x), 0.5, torch.Generator().manual_seed(1))[0]
+        whole = net(aug.eval(x))[0]
+    torch.testing.assert_close(z, masked)
+    assert not torch.allclose(z, whole, atol=1e-3)
+
+
+def test_authors_cli_features_are_min_max_scaled_per_batch():
+    """sklearn's MinMaxScaler fitted to each batch of the authors' loader: per batch and dimension,
+    the features span [0, 1] exactly; the whole set (in dataset order) does not batch by batch."""
+    model, images = MeanColour(), colour_images()
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    z, p = pici.cli_features(model, images, WIDE, lambda x, s: x.float(), ENV, None, order=order, chunk=16, minmax=True)
+    raw, _ = pici.cli_features(model, images, WIDE, lambda x, s: x.float(), ENV, None)
+    for idx in order.split(16):
+        assert torch.allclose(z[idx].min(0).values, torch.zeros(3)) and torch.allclose(z[idx].max(0).values, torch.ones(3))
+        lo, hi = raw[idx].min(0).values, raw[idx].max(0).values
+        torch.testing.assert_close(z[idx], (raw[idx] - lo) / (hi - lo))  # the same scaling as sklearn's
+    assert not all(torch.allclose(z[i:i + 16].min(0).values, torch.zeros(3)) for i in range(0, 48, 16))  # the order matters
+    assert torch.equal(pici.cli_features(model, images, WIDE, lambda x, s: x.float() * 0, ENV, None, minmax=True)[0],
+                       torch.zeros(48, 3))  # a constant dimension: 0, as sklearn
+
+
+@pytest.mark.parametrize("name,n_init,normalize,matched", [("paper", 10, True, True), ("authors", 100, False, False)])
+def test_cli_kmeans_inits_normalisation_and_matching_per_recipe(monkeypatch, name, n_init, normalize, matched):
+    """The paper's k-means (10 inits, ours: the paper gives none) on unit features, renamed over the
+    dataset; the authors': 100 inits on the min-max-scaled features, k-means' own names (renamed per batch)."""
+    calls, real = [], common.kmeans
+    monkeypatch.setattr(common, "kmeans", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model, images = MeanColour(), colour_images()
+    aug = data.Augmentation(pici.recipe(name)["views"], 32)
+    g = torch.Generator().manual_seed(0)
+    targets, _ = pici.cli_targets(model, images, WIDE, aug, ENV, 4, seed=0, generator=g, settings=pici.recipe(name), batch_size=16)
+    assert [(c["n_init"], c["normalize"]) for c in calls] == [(n_init, normalize)] * 2
+    if not matched:  # the labels are k-means' own: the same partition as a fresh k-means on those features, same names
+        assert targets.shape == (2, 48) and targets.max() < 4
+
+
+def test_authors_matching_is_batch_by_batch():
+    """match_batch renames one batch's pseudo-labels to that batch's head argmax (the authors' code), which
+    can differ from the renaming over the whole dataset."""
+    g = torch.Generator().manual_seed(0)
+    pseudo = torch.randint(3, (60,), generator=g)
+    head = (pseudo + 1) % 3  # the head calls k-means' cluster c "c + 1"
+    head[:20] = (pseudo[:20] + 2) % 3  # but in the first batch "c + 2"
+    p = F.one_hot(head, 3).float()
+    assert torch.equal(pici.match_batch(pseudo[:20], p[:20], 3), head[:20])
+    assert torch.equal(pici.match_batch(pseudo[20:], p[20:], 3), head[20:])
+    assert not torch.equal(pici.match_labels(pseudo, head, 3)[:20], head[:20])  # over the dataset: one renaming for all
+
+
+def test_authors_cli_loss_takes_a_second_softmax():
+    g = torch.Generator().manual_seed(0)
+    p_a, p_b = torch.randn(8, 5, generator=g).softmax(1), torch.randn(8, 5, generator=g).softmax(1)
+    t_a, t_b = torch.randint(5, (8,), generator=g), torch.randint(5, (8,), generator=g)
+    twice = pici.cli_loss(p_a, p_b, t_a, t_b, softmax_twice=True)
+    torch.testing.assert_close(twice, (F.cross_entropy(p_a, t_a) + F.cross_entropy(p_b, t_b)) / 2)  # torch's CE on probabilities
+    once = pici.cli_loss(p_a, p_b, t_a, t_b)
+    torch.testing.assert_close(once, (F.nll_loss(p_a.log(), t_a) + F.nll_loss(p_b.log(), t_b)) / 2)  # Eq. (15)
+    assert not torch.allclose(once, twice)
+
+
+def test_authors_positions_are_fixed_in_encoder_and_decoder():
+    fixed, learnable = pici.Network(4, 32, "tiny", positions="fixed"), pici.Network(4, 32, "tiny")
+    names = lambda net: {n for n, _ in net.named_parameters() if "pos_embed" in n}
+    assert names(fixed) == set() and names(learnable) == {"backbone.pos_embed", "decoder.pos_embed"}
+    torch.testing.assert_close(fixed.backbone.pos_embed, learnable.backbone.pos_embed)  # both start from the same sin-cos
+    torch.testing.assert_close(fixed.decoder.pos_embed, learnable.decoder.pos_embed)
+    assert pici.recipe("authors")["positions"] == "fixed" and pici.recipe("paper")["positions"] == "learnable"
+
+
+@pytest.mark.parametrize("name,computed", [("paper", 2), ("authors", 1)])
+def test_pseudo_labels_every_boosting_epoch_or_once(monkeypatch, tmp_path, image_folder, name, computed):
+    """The paper relabels at each boosting epoch (Algorithm 1, line 14); the authors' code once, at the
+    first. Both log NMI / ACC / ARI after every boosting epoch, and final.json is the last epoch's.
+    The authors' run trains with fixed positions (none in the checkpoint's parameters)."""
+    calls, real = [], pici.cli_targets
+    monkeypatch.setattr(pici, "cli_targets", lambda *a, **k: calls.append(a[7]) or real(*a, **k))
+    final = in_process(pici, "--dataset", image_folder, "--max-images", 32, "--image-size", 32, "--batch-size", 16, "--eval-every", 0,
+                       "--pretrain-epochs", 1, "--train-epochs", 0, "--boost-epochs", 2, "--recipe", name, "--run-name", "r",
+                       out_dir=tmp_path, data_root=tmp_path / "data")
+    assert len(calls) == computed
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["pretrain", "boost", "boost"]
+    assert [("cli_agreement" in r) for r in log[1:]] == [True, computed == 2]
+    assert all("nmi" in r and "acc" in r and "ari" in r for r in log[1:])  # every boosting epoch, the last too
+    assert all(log[-1][k] == final[k] for k in ("nmi", "acc", "ari"))
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert any("pos_embed" in k for k in state["model"]) == (name == "paper")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +294,22 @@ def test_end_to_end_through_all_three_stages_with_exact_resume_from_the_middle_o
         ["loss_pisd"], ["loss_cluster", "loss_instance", "loss_pisd"]] + [["loss_cli", "loss_cluster", "loss_instance"]] * 2
     assert all("nmi" in r for r in log[:3])  # evaluated every epoch here; the stage ends always are
     assert all(0 <= r["cli_agreement"] <= 1 for r in log[2:])
+
+
+def test_authors_recipe_resumes_exactly_with_the_pseudo_labels_it_computed(tmp_path, image_folder):
+    """--recipe authors labels once, at the first boosting epoch: a run stopped after that epoch and
+    resumed goes on with those labels (kept in the checkpoint), as the uninterrupted run does."""
+    flags = ["--dataset", image_folder, "--max-images", 32, "--image-size", 32, "--batch-size", 16, "--eval-every", 0,
+             "--pretrain-epochs", 1, "--train-epochs", 0, "--boost-epochs", 2, "--recipe", "authors"]
+    run = lambda name, *extra: in_process(pici, *flags, "--run-name", name, *extra, out_dir=tmp_path, data_root=tmp_path / "data")
+    full = run("full")
+    run("part", "--epochs", 2)
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["cli_targets"].shape == (2, 32)
+    resumed = run("part", "--resume", "auto")
+    logs = {p: [json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("full", "part")}
+    assert [r["loss"] for r in logs["full"]] == [r["loss"] for r in logs["part"]]
+    assert "cli_agreement" not in logs["part"][-1]  # not labelled again after the resume
+    assert all(full[k] == resumed[k] for k in ("nmi", "acc", "ari"))
 
 
 def test_one_head_ablation_clusters_by_kmeans(tmp_path, image_folder):
