@@ -345,8 +345,8 @@ RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision",
 # What a --resume may change: how long and how often, where it writes, what it runs on. Nothing here
 # changes what is trained (model, data, recipe), so the resumed run is the run that was started, only
 # longer. PICI's stage lengths are its --epochs (pici.py checks that the checkpoint's epoch keeps its
-# stage). --precision: the weights and Adam's state are fp32 under any autocast; only fp16 has a loss
-# scale of its own, so a change to or from fp16 is refused.
+# stage). --precision: the weights and Adam's state are fp32 under any autocast; fp16 after bf16 or
+# fp32 starts a fresh loss scale (restore).
 RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_epochs", "eval_every", "save_every",
                           "tensorboard", "export_features", "data_root", "cache_dir")
 
@@ -386,9 +386,6 @@ def parse_args(cls, argv=None, description=None, method=None):
 def conflicts(trained, given):
     """[(flag name, the checkpoint's value, the given value)] of the given flags a --resume may not change."""
     differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
-    fp16 = [p == "fp16" for p in (trained.get("precision"), given.get("precision", trained.get("precision")))]
-    if fp16[0] != fp16[1]:  # the fp16 loss scale is in the checkpoint, or missing from it
-        differ.append(("precision", trained.get("precision"), given["precision"]))
     return differ
 
 
