@@ -385,8 +385,7 @@ def parse_args(cls, argv=None, description=None, method=None):
 
 def conflicts(trained, given):
     """[(flag name, the checkpoint's value, the given value)] of the given flags a --resume may not change."""
-    differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
-    return differ
+    return [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
 
 
 def same(key, a, b):

@@ -305,7 +305,7 @@ def test_authors_recipe_resumes_exactly_with_the_pseudo_labels_it_computed(tmp_p
     full = run("full")
     run("part", "--epochs", 2)
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["cli_targets"].shape == (2, 32)
-    resumed = run("part", "--resume", "auto")
+    resumed = run("part", "--resume", "auto", "--epochs", 3)  # the run is extended to its 3 epochs
     logs = {p: [json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("full", "part")}
     assert [r["loss"] for r in logs["full"]] == [r["loss"] for r in logs["part"]]
     assert "cli_agreement" not in logs["part"][-1]  # not labelled again after the resume
