@@ -91,7 +91,7 @@ def test_end_to_end_and_exact_resume(tmp_path, image_folder):
 
 
 def test_instance_projector_only(tmp_path, image_folder):
-    """Table VII's instance-only run clusters by k-means on the instance features; a resume with
+    """Table VII's instance-only run clusters by k-means on the instance features; a resume given
     another projector set is refused in one line, not a state-dict dump."""
     args = ["--dataset", image_folder, "--max-images", 256, "--image-size", 32, "--batch-size", 64,
             "--vit", "tiny", "--stem", "patchify", "--run-name", "inst"]
@@ -100,7 +100,7 @@ def test_instance_projector_only(tmp_path, image_folder):
     check_run_files(tmp_path / "inst", 256, 1)
     log = json.loads((tmp_path / "inst" / "log.jsonl").read_text())
     assert "loss_instance" in log and "loss_cluster" not in log
-    proc = subprocess.run([sys.executable, str(ROOT / "vtcc.py"), *map(str, args), "--epochs", "2", "--resume", "auto",
+    proc = subprocess.run([sys.executable, str(ROOT / "vtcc.py"), *map(str, args), "--heads", "both", "--epochs", "2", "--resume", "auto",
                            "--out-dir", str(tmp_path), "--data-root", str(tmp_path / "data"), "--device", "cpu", "--threads", "2"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--heads" in proc.stderr, proc.stderr
