@@ -1,4 +1,4 @@
-"""common.py: clustering metrics on hand-computed cases, the ViT and MAE parts, the run plumbing."""
+"""common.py: clustering metrics on hand-computed cases, the ViT and MAE parts and k-means."""
 import math
 
 import numpy as np
@@ -163,13 +163,7 @@ def test_masked_patch_mse_only_counts_masked_patches():
     assert loss.item() == pytest.approx(total / n, rel=1e-5)
 
 
-# --- plumbing ----------------------------------------------------------------------------------
-def test_atomic_save_leaves_no_temporary(tmp_path):
-    common.atomic_save({"a": torch.ones(2)}, tmp_path / "c.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["a"], torch.ones(2))
-
-
+# --- k-means ----------------------------------------------------------------------------------
 def test_kmeans_recovers_obvious_clusters():
     gen = torch.Generator().manual_seed(0)
     centres = torch.eye(3) * 10
