@@ -1,9 +1,6 @@
-"""Shared parts of the five method scripts: clustering metrics, the ViT and MAE building blocks, and
-the plumbing every script needs alike (arguments, device and precision, seeding, distributed
-training, checkpoints, the run folder and its files).
-
-No method logic lives here: losses, heads and training loops are in the method files.
-"""
+"""Shared parts of the five method scripts: clustering metrics, the ViT and MAE building blocks, and the
+plumbing every script needs alike (arguments, device and precision, the run folder and its files).
+No method logic lives here: losses, heads and training loops are in the method files."""
 import argparse
 import atexit
 import csv
@@ -53,23 +50,17 @@ def contingency(y_true, y_pred):
 
 
 def cluster_acc(y_true, y_pred):
-    """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors.
-
-    Empty clusters, non-contiguous ids and more clusters than classes are all fine: only the ids
-    that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here).
-    """
+    """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors. Only
+    the ids that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here)."""
     table = contingency(y_true, y_pred)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
 
 
 def cluster_metrics(y_true, y_pred):
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    return {
-        "nmi": float(normalized_mutual_info_score(y_true, y_pred)),  # arithmetic normalisation
-        "acc": cluster_acc(y_true, y_pred),
-        "ari": float(adjusted_rand_score(y_true, y_pred)),
-    }
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)  # NMI: arithmetic normalisation
+    return {"nmi": float(normalized_mutual_info_score(y_true, y_pred)), "acc": cluster_acc(y_true, y_pred),
+            "ari": float(adjusted_rand_score(y_true, y_pred))}
 
 
 def cluster_health(y_pred, num_clusters):
@@ -77,12 +68,8 @@ def cluster_health(y_pred, num_clusters):
     largest cluster share, and how many of the K clusters are empty."""
     share = np.bincount(np.asarray(y_pred), minlength=num_clusters) / len(y_pred)
     nz = share[share > 0]
-    return {
-        "entropy": float(-(nz * np.log(nz)).sum()),
-        "min_share": float(share.min()),
-        "max_share": float(share.max()),
-        "empty": int((share == 0).sum()),
-    }
+    return {"entropy": float(-(nz * np.log(nz)).sum()), "min_share": float(share.min()), "max_share": float(share.max()),
+            "empty": int((share == 0).sum())}
 
 
 def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
@@ -104,12 +91,9 @@ def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
 # Table V), 2-D sine-cosine positions
 # ---------------------------------------------------------------------------------------------
 def sincos_2d(dim, grid_size, cls_token=True):
-    """Fixed 2-D sine-cosine position table, (1 + grid_size**2, dim), CLS row zero.
-
-    Convention (MAE's): the first dim/2 channels encode the column (x) coordinate, the last dim/2
-    the row (y); within each half, the first quarter is sin(pos * w_k), the second cos(pos * w_k),
-    with w_k = 1 / 10000**(k / (dim/4)), k = 0 .. dim/4-1. Token t = row * grid_size + col.
-    """
+    """Fixed 2-D sine-cosine position table, (1 + grid_size**2, dim), CLS row zero. MAE's convention: the
+    first dim/2 channels encode the column, the last dim/2 the row; in each half sin(pos * w_k), then
+    cos(pos * w_k), w_k = 1 / 10000**(k / (dim/4)), k = 0 .. dim/4-1. Token t = row * grid_size + col."""
     if dim % 4:
         raise ValueError(f"the sin-cos table needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -280,14 +264,6 @@ def patchify(images, patch_size=16):
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(patches, patch_size=16, channels=3):
-    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for a square grid."""
-    B, L, _ = patches.shape
-    p, g = patch_size, math.isqrt(L)
-    x = patches.reshape(B, g, g, p, p, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, g * p, g * p)
-
-
 class MAEDecoder(nn.Module):
     """Embeds the encoder's visible tokens, puts learned mask tokens in the removed places
     (ids_restore), adds its own position table and predicts the p*p*3 pixels of every patch."""
@@ -345,9 +321,9 @@ RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_ep
 
 
 def parse_args(cls, argv=None, description=None, method=None):
-    """The command line as a `cls`. --eval-only and --resume take the checkpoint's arguments; flags given
-    override them (--eval-only) or may differ in RESUME_SAFE only (--resume). `--resume auto`: --run-name's
-    checkpoint, or the newest of this method, dataset and seed that fits the flags given; none: a fresh start."""
+    """The command line as a `cls`; --eval-only and --resume take the checkpoint's arguments (flags given
+    override them, or for --resume may differ in RESUME_SAFE only). `--resume auto`: --run-name's checkpoint,
+    or the newest of this method, dataset and seed fitting the flags given; none: a fresh start."""
     args = vars(parser(cls, description).parse_args(argv))
     check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
     if not (args["eval_only"] or args["resume"]):
@@ -442,8 +418,7 @@ def pick_device(name, local_rank=None):
 
 
 def pick_precision(name, device):
-    """auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0 on), else fp16 (with the
-    GradScaler); fp32 on the CPU (exact and reproducible). The autocast dtype, None for fp32."""
+    """The autocast dtype (None: fp32); auto: bf16 on a GPU with native bf16 (8.0 on), else fp16; fp32 on the CPU."""
     check(name in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {name!r}: use auto, fp32, bf16 or fp16")
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # the current device's
     name = ("bf16" if native else "fp16" if device.type == "cuda" else "fp32") if name == "auto" else name
@@ -455,8 +430,7 @@ def pick_precision(name, device):
 
 
 def prepare(model, run, channels_last=False, compile=False, find_unused=False):
-    """Model to the device; SyncBatchNorm + DistributedDataParallel under torchrun; torch.compile on
-    request. Returns (model, net): `model` for state dicts and evaluation, `net` to train."""
+    """(model on the device, for state dicts and evaluation; net to train: DDP + SyncBatchNorm, compiled)."""
     model = model.to(run.device, memory_format=torch.channels_last if channels_last and run.device.type == "cuda" else torch.preserve_format)
     net = model
     if run.distributed:
@@ -470,8 +444,7 @@ def prepare(model, run, channels_last=False, compile=False, find_unused=False):
 
 
 def gather(*tensors):
-    """Every process's rows, concatenated, with gradients: with DDP's averaging, exactly the gradient of
-    the loss over the global batch. One process (no process group): the tensors unchanged."""
+    """Every process's rows with gradients: the loss (and with DDP's averaging its gradient) over the global batch."""
     out = tuple(Gather.apply(t) for t in tensors) if torch.distributed.is_initialized() else tensors
     return out if len(out) > 1 else out[0]
 
@@ -493,8 +466,7 @@ class Gather(torch.autograd.Function):
 
 
 def place_images(images, choice, run, share=0.25):
-    """The uint8 dataset on the GPU when it fits in `share` of the free memory (auto): batches are then
-    indexed and augmented there, with no host transfer."""
+    """The uint8 dataset on the GPU when it fits in `share` of its free memory (auto): no host transfers."""
     if run.device.type != "cuda" or choice == "no" or choice == "auto" and images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
         return images
     return images.to(run.device)
@@ -569,8 +541,8 @@ def run_folders(out, base):
 
 
 def run_dir(args, method):
-    """<out-dir>/<run-name>, chosen, not made. Default <method>-<dataset>-seed<seed> (-eval for --eval-only),
-    numbered -2, -3, ... for new runs; `--resume auto` continues the newest holding a checkpoint."""
+    """<out-dir>/<run-name>, not made yet; default <method>-<dataset>-seed<seed>[-eval], numbered -2, -3, ...
+    for a new run; `--resume auto` takes the newest holding a checkpoint."""
     out = Path(args.out_dir)
     check(writable(out), f"cannot write in --out-dir {out}: pass --out-dir a folder you can write to")
     if args.run_name:
@@ -657,12 +629,19 @@ def restore(run, state):
 
 
 def cpu_copy(obj):
-    """A copy of a state on the CPU that later training steps cannot change."""
+    """A CPU copy of a state that later steps cannot change."""
     if isinstance(obj, dict):
         return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(map(cpu_copy, obj))
     return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
+
+
+def logged_epoch(line):
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped
 
 
 class Terminated(BaseException):
@@ -692,12 +671,10 @@ def duration(seconds):
 
 
 class Run:
-    """One run of a method: what it runs on (device, autocast dtype, rank under torchrun) and its folder:
-    lock, log.jsonl, TensorBoard, progress line, checkpoint, result files. `with run:` around the epoch
-    loop makes the folder; a Ctrl-C, SIGTERM or error there writes the last finished epoch and says so.
-    checkpoint.pt holds finished epochs only, so a resumed run ends as an uninterrupted one (CPU): written
-    every --save-every epochs and after the last, else kept in memory for a stop. A stop costs the epoch
-    in progress (repeated on resume), a kill -9 the epochs since the last write."""
+    """One run: what it runs on (device, autocast dtype, rank) and its folder (lock, log, progress line,
+    checkpoint, result files). `with run:` around the epoch loop makes the folder; a Ctrl-C, SIGTERM or
+    error there writes the last finished epoch (checkpoint.pt holds finished epochs only, so a resumed
+    run ends as an uninterrupted one on the CPU; a kill -9 costs the epochs since the last write)."""
     delay, refresh, every = 2.0, 0.5, 60.0  # progress line: not before `delay` s of an epoch, then every `refresh` s; in a file every `every` s
     clock = time.monotonic
 
@@ -758,9 +735,8 @@ class Run:
             self.live_line = False
 
     def start(self, title, ds, model, optimizer, scaler, generator, same=(), extra=lambda epoch: {}):
-        """The header line; --eval-only's or --resume's checkpoint (trained with the same `same`
-        arguments) into model, optimizer, scaler and generator. Returns (first epoch, checkpoint or None).
-        extra(epoch): the method's own entries of a checkpoint."""
+        """The header line; --eval-only's or --resume's checkpoint (with the same `same` args) loaded.
+        Returns (first epoch, checkpoint or None). extra(epoch): the method's own checkpoint entries."""
         self.ds, self.model, self.optimizer, self.scaler, self.generator, self.extra = ds, model, optimizer, scaler, generator, extra
         params = sum(p.numel() for p in model.parameters()) / 1e6
         self.print(f"{title} | dataset {ds.name} | {len(ds.images)} images | K {ds.num_classes} | device {self.device} "
@@ -772,7 +748,8 @@ class Run:
             state = read_checkpoint(self.path / "checkpoint.pt" if path == "auto" else path, self.method)
             check(all(state["args"][k] == getattr(self.args, k) for k in same),
                   f"the checkpoint was trained with other {'/'.join('--' + k for k in same)}: pass the values it was trained with")
-            self.epoch = self.saved = restore(self, state)
+            self.epoch = restore(self, state)
+            self.saved = self.epoch if (self.path / "checkpoint.pt").exists() else None  # what a stop before the next epoch keeps
             stage = f" (stage {state['stage']})" if "stage" in state else ""
             self.print(f"{'evaluating the checkpoint of' if self.eval_only else 'resumed from'} epoch {self.epoch}{stage}")
             return self.epoch, state
@@ -790,8 +767,8 @@ class Run:
                 "args": dataclasses.asdict(self.args), **self.extra(epoch)}
 
     def __enter__(self):
-        """The folder, now that the start passed every check: its lock, args.json, log.jsonl cut back to
-        the first epoch (a resumed run repeats what followed its checkpoint; a line cut short goes too)."""
+        """The folder, now the start passed every check: its lock, args.json, log.jsonl cut back to the
+        first epoch (a resumed run repeats what followed its checkpoint)."""
         self.started = self.wall = time.perf_counter()
         self.sigterm = signal.signal(signal.SIGTERM, self.terminate)
         if self.is_main:
@@ -810,7 +787,7 @@ class Run:
             (self.path / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
             log = self.path / "log.jsonl"
             lines = log.read_text().splitlines() if log.exists() else []
-            kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] <= self.epoch]
+            kept = [line for line in lines if logged_epoch(line) <= self.epoch]
             if kept != lines:
                 (self.path / "log.tmp").write_text("".join(line + "\n" for line in kept))
                 os.replace(self.path / "log.tmp", log)
@@ -842,8 +819,8 @@ class Run:
         return False
 
     def snapshot(self, epoch):
-        """Epoch `epoch` finished: its state copied, written every --save-every epochs and after the last. A
-        Ctrl-C or SIGTERM during the copy waits until it is whole (in its middle it would lose the epoch)."""
+        """Epoch `epoch` finished: its state copied (a stop waits for the whole copy), written every
+        --save-every epochs and after the last."""
         caught = []
         previous = on_signals(lambda signum, frame: caught.append(signum))
         try:
@@ -867,10 +844,9 @@ class Run:
             self.saved, self.last = self.last["epoch"], None
 
     def progress(self, batches, epoch, steps, totals=None, weights=None):
-        """Yield from `batches`, counting the steps of `epoch` (`steps` in all, however many loops make it
-        up); totals: the device tensor the loop adds its loss terms to (weights: theirs in the loss). Rank 0
-        shows step, loss, img/s and the time left: on a terminal a line rewritten in place, in a file a line
-        a minute; nothing early in an epoch. The sums are read only for a shown line: no per-step sync."""
+        """Yield from `batches`, counting the steps of `epoch` (`steps` in all loops); totals: the device
+        tensor of loss sums (weights: the terms'), read only for a shown line. Rank 0 shows step, loss,
+        img/s and time left: on a terminal one line rewritten, in a file a line a minute."""
         now = self.clock()
         if epoch != self.shown:  # the time from the run's first epoch to here sets the pace
             self.first, self.timed = (now, 0) if self.shown is None else (self.first, self.timed + 1)
@@ -897,9 +873,8 @@ class Run:
             self.clear_line()
 
     def epoch_done(self, epoch, totals, terms, evaluate=None, weights=None, evaluate_now=None, stage=None, **extra):
-        """Epoch `epoch` (0-based) trained: its record (mean loss terms, img/s), a stop if it diverged, an
-        evaluation (rank 0: evaluate() -> (assignments, _)) every --eval-every epochs or when evaluate_now,
-        log.jsonl, TensorBoard, the epoch line and the checkpoint."""
+        """Epoch `epoch` (0-based) trained: its record, a stop if it diverged, rank 0's evaluate() every
+        --eval-every epochs (or if evaluate_now), log.jsonl, TensorBoard, the epoch line, the checkpoint."""
         args, seconds, means = self.args, time.perf_counter() - self.started, (totals / self.steps).tolist()
         self.train_seconds, self.seen = self.train_seconds + seconds, self.seen + self.steps * args.batch_size
         record = {"epoch": epoch + 1, **({"stage": stage} if stage else {}), "loss": sum(w * m for w, m in zip(weights or [1] * len(means), means)),
@@ -943,8 +918,7 @@ class Run:
             self.writer = self.tensorboard = None
 
     def finish(self, pred, conf):
-        """Rank 0, after the final evaluation: final.json (metrics, run statistics, cluster health, class
-        names, provenance), assignments.csv (one row per image), clusters.png and the closing lines."""
+        """Rank 0, after the final evaluation: final.json, assignments.csv, clusters.png, the closing lines."""
         ds = self.ds
         record = evaluation_record(ds.labels, pred, ds.num_classes)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
@@ -991,8 +965,8 @@ def evaluation_record(labels, pred, num_clusters):
 
 
 def collapse(pred, num_clusters, labels=None):
-    """What looks like a collapse, in words, or None: fewer than half of the K clusters used (or one only), or
-    more than half of the images in one cluster when K > 2 (and more than the largest class holds, if known)."""
+    """A collapse in words, or None: under half of the K clusters used (or one), or over half of the images
+    in one cluster when K > 2 (and more than the largest class holds)."""
     counts = torch.bincount(pred, minlength=num_clusters)
     used, top, share = int((counts > 0).sum()), int(counts.argmax()), float(counts.max()) / len(pred)
     largest = float(torch.bincount(labels).max()) / len(labels) if labels is not None else 0.0
@@ -1030,9 +1004,8 @@ def git_state(folder):
 
 
 def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
-    """clusters.png's rows, largest cluster first, each (cluster id, member indices, label lines: id, size,
-    with labels the majority class and its share, a tie naming each class), at most `max_rows`; and the
-    lines under them (clusters left out, empty clusters)."""
+    """clusters.png's rows, largest first, each (id, members, label lines: id, size, majority class(es)
+    and share), at most `max_rows`; and the notes under them (clusters left out, empty clusters)."""
     num_clusters = max(num_clusters, int(pred.max()) + 1)
     sizes = torch.bincount(pred, minlength=num_clusters)
     order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]

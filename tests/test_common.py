@@ -105,13 +105,13 @@ def test_parameter_counts_of_spec_configurations():
 
 
 # --- MAE ---------------------------------------------------------------------------------------
-def test_patchify_round_trip_and_layout():
+def test_patchify_layout():
     x = torch.randn(2, 3, 32, 32)
     p = common.patchify(x, 16)
     assert p.shape == (2, 4, 768)
-    assert torch.equal(common.unpatchify(p, 16), x)
-    # patch 1 is the top-right 16x16 block, pixels in (row, col, channel) order
-    assert torch.equal(p[0, 1].view(16, 16, 3), x[0, :, :16, 16:].permute(1, 2, 0))
+    # patches in row-major order (patch 1 is the top-right 16x16 block), pixels in (row, col, channel) order
+    for i, (row, col) in enumerate([(0, 0), (0, 16), (16, 0), (16, 16)]):
+        assert torch.equal(p[1, i].view(16, 16, 3), x[1, :, row:row + 16, col:col + 16].permute(1, 2, 0))
 
 
 def test_random_masking_counts_and_restore_order():
