@@ -1,5 +1,7 @@
 """common.py: clustering metrics on hand-computed cases, the ViT and MAE parts and k-means."""
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +173,21 @@ def test_kmeans_recovers_obvious_clusters():
     labels, conf = common.kmeans(x, 3, seed=0)
     assert common.cluster_acc(np.repeat([0, 1, 2], 20), labels.numpy()) == 1.0
     assert conf.shape == (60,) and bool((conf > 0.3).all() and (conf <= 1).all())
+
+
+# --- the method files' own training loops ----------------------------------------------------------
+SHARED_PARTS = {"ViT", "MAEDecoder", "patchify", "random_masking", "masked_patch_mse", "kmeans", "predict", "arg", "check",
+                "cluster_metrics", "cluster_acc"}  # the model and metric parts the scripts share
+
+
+@pytest.mark.parametrize("method", ["cc", "vtcc", "vitic", "pici", "dcsc"])
+def test_each_method_writes_its_own_training_loop(method):
+    """A reader of main() sees the optimiser, the autocast context, backward and the step; of common.py's
+    plumbing a method uses at most 10 names."""
+    source = (Path(__file__).resolve().parent.parent / f"{method}.py").read_text()
+    main = source[source.index("def main("):]
+    for part in ("torch.optim.Adam(", "torch.amp.GradScaler(", "torch.autocast(", "optimizer.zero_grad(set_to_none=True)",
+                 "scaler.scale(", ").backward()", "scaler.step(optimizer)", "scaler.update()", "for epoch in range(", "for x, "):
+        assert part in main, part
+    plumbing = set(re.findall(r"common\.(\w+)", source)) - SHARED_PARTS
+    assert len(plumbing) <= 10, sorted(plumbing)
