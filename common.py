@@ -537,7 +537,9 @@ def run_base(args, method):
 def run_folders(out, base):
     """The run folders <base>, <base>-2, <base>-3, ... in `out`, oldest (lowest number) first."""
     number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
-    return sorted({**number, **({out / base: 1} if (out / base).exists() else {})}, key={**number, out / base: 1}.get)
+    if (out / base).exists():
+        number[out / base] = 1
+    return sorted(number, key=number.get)
 
 
 def run_dir(args, method):
@@ -556,8 +558,10 @@ def run_dir(args, method):
         base = run_base(args, method) + ("-eval" if args.eval_only else "")
         runs = run_folders(out, base)
         resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
-        path = resumable[-1] if args.resume == "auto" and resumable else \
-            out / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else out / base  # after the highest number
+        if args.resume == "auto" and resumable:
+            path = resumable[-1]
+        else:  # after the highest number
+            path = out / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else out / base
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     holder = lock_holder(path)
     check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
