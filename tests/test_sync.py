@@ -11,6 +11,7 @@ prints the same counts (and the kernels per step) with count_steps."""
 import contextlib
 import importlib
 import itertools
+import re
 from collections import Counter
 
 import pytest
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import data
+from conftest import ROOT
 
 aten = torch.ops.aten
 # ops whose result the host must wait for: a value read back, or an output size that depends on the data
@@ -41,7 +43,7 @@ class DeviceCounter(TorchDispatchMode):
         super().__init__()
         self.device, self.phase = device, "setup"
         self.copies, self.reads, self.kernels, self.seen = 0, 0, Counter(), []
-        self.blocking, self.pinned = 0, {}  # pinned: storage address -> storage, kept alive so no address is reused
+        self.blocking, self.batchnorms, self.pinned = 0, 0, {}  # pinned: storage address -> storage, kept alive so no address is reused
 
     def pin(self, t):
         self.pinned[t.untyped_storage().data_ptr()] = t.untyped_storage()
@@ -138,6 +140,7 @@ def count_steps(module, argv, steps=2, device="meta"):
     counter = DeviceCounter(meta.type)
     marks = []
     real_tensor, real_batches, real_views = torch.tensor, data.batches, data.Augmentation.views
+    real_bn = torch.nn.modules.batchnorm._BatchNorm.forward
     real_steps = {cls: cls.step for cls in (torch.optim.Adam, torch.optim.SGD)}
 
     def tensor(*args, device=None, **kwargs):
@@ -148,13 +151,17 @@ def count_steps(module, argv, steps=2, device="meta"):
     def batches(*args, **kwargs):
         it = real_batches(*args, **kwargs)
         for _ in itertools.count():
-            marks.append((counter.copies, counter.reads, counter.kernels.copy(), len(counter.seen), counter.blocking))
+            marks.append((counter.copies, counter.reads, counter.kernels.copy(), len(counter.seen), counter.blocking, counter.batchnorms))
             if len(marks) > steps:
                 raise Stop
             counter.phase = "batch"
             x = next(it)
             counter.phase = "model"
             yield x
+
+    def bn(self, x):  # each a SyncBatchNorm under torchrun on CUDA: a host wait (see the README)
+        counter.batchnorms += 1
+        return real_bn(self, x)
 
     def in_phase(name, fn):
         def run(*args, **kwargs):
@@ -167,7 +174,7 @@ def count_steps(module, argv, steps=2, device="meta"):
 
     changes = [(common, "pick_device", lambda name, local_rank=None: meta),
                (common, "place_images", lambda images, choice, env: images.to(env.device)),
-               (torch, "tensor", tensor), (data, "batches", batches),
+               (torch, "tensor", tensor), (data, "batches", batches), (torch.nn.modules.batchnorm._BatchNorm, "forward", bn),
                (data.Augmentation, "views", in_phase("augmentation", real_views)),
                *[(cls, "step", in_phase("optimizer", fn)) for cls, fn in real_steps.items()]]
     with patched(*changes), counter:
@@ -175,14 +182,15 @@ def count_steps(module, argv, steps=2, device="meta"):
             module.main(argv)
         except Stop:
             pass
-    return [dict(copies=b[0] - a[0], reads=b[1] - a[1], kernels=b[2] - a[2], seen=counter.seen[a[3]:b[3]], blocking=b[4] - a[4])
+    return [dict(copies=b[0] - a[0], reads=b[1] - a[1], kernels=b[2] - a[2], seen=counter.seen[a[3]:b[3]], blocking=b[4] - a[4],
+                 batchnorms=b[5] - a[5])
             for a, b in zip(marks, marks[1:])]
 
 
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-images", "32", "--epochs", "1", "--eval-every", "0",
          "--threads", "1"]
 RUNS = {
-    "cc": ["--backbone", "resnet18"],
+    "cc": [],
     "vtcc": ["--vit", "tiny"],
     "vitic": [],
     "dcsc": [],
@@ -205,6 +213,14 @@ def test_training_step_makes_at_most_two_non_blocking_copies_and_no_reads(run, m
         assert step["reads"] == 0 and step["copies"] <= 2, f"{step['copies']} copies, {step['reads']} reads: {step['seen']}"
         assert step["blocking"] == 0, f"a host-to-device copy that waits for the GPU: {step['seen']}"
         assert step["kernels"]["augmentation"] > 0 and step["kernels"]["model"] > 0  # the counter sees the step
+        assert step["batchnorms"] == readme_batchnorms()[name], "the README's SyncBatchNorm table is out of date"
+
+
+def readme_batchnorms():
+    """The README's SyncBatchNorm table: BatchNorm layer calls per step (host waits under torchrun), per script."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)\.py` \| (\d+) \|", text[text.index("SyncBatchNorm's cost"):], re.M)
+    return {script: int(n) for script, n in rows}
 
 
 def test_counter_sees_every_kind_of_sync():
