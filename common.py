@@ -617,6 +617,28 @@ def adam(params, lr, env):
     return torch.optim.Adam(params, lr=lr, fused=env.device.type == "cuda")
 
 
+def host_memory():
+    """Bytes of host memory available now (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def store_memory(args, env, share=0.25):
+    """Bytes the uint8 dataset may take when --storage-size is not given (data.storage_side): half the
+    host's available memory (the other half for the model, evaluation, the decoding threads and the
+    cache file's pages), and under --data-on-device yes on a GPU also place_images' share of its free
+    memory (the rest for the model, activations and optimiser). Under auto a dataset too large for
+    the GPU stays on the host at its native size, as the authors' loaders keep it, and batches cross."""
+    host = host_memory()
+    limits = [host // 2] if host else []
+    if args.data_on_device == "yes" and getattr(env, "device", torch.device("cpu")).type == "cuda":
+        limits.append(int(share * torch.cuda.mem_get_info(env.device)[0]))
+    return min(limits, default=None)
+
+
 def place_images(images, choice, env, share=0.25):
     """Keep the uint8 dataset on the GPU when it fits in `share` of the free memory (auto), so
     batches are indexed and augmented there with no host transfer."""
@@ -1375,7 +1397,8 @@ def load_data(args, env, with_unlabeled=False):
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                  storage_size=args.storage_size, cache_dir=str(cache),
-                                 need=None if args.eval_only else args.batch_size)  # evaluation has no batch to fill
+                                 need=None if args.eval_only else args.batch_size,  # evaluation has no batch to fill
+                                 memory=store_memory(args, env))
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line

@@ -63,7 +63,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size: DCSC paper, Sec. 4.2, every image resized to 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: DCSC paper, Sec. 4.2")
     batch_size: int = arg(256, "global batch size: DCSC paper, Sec. 4.2")
     lr: float = arg(3e-4, "Adam learning rate: DCSC paper, Sec. 4.2; no weight decay or schedule (the paper names none; CC's setting)")

@@ -100,7 +100,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): PICI paper, Sec. 4.1, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(None, "total epochs: PICI paper, Sec. 4.1, 200 + 800 + 50 = 1050, split 200:800:50 between the "
                       "stages; with explicit stage lengths their sum, and a smaller --epochs stops the run early", type=int)
     pretrain_epochs: int = arg(None, "stage 1, L_PISD only (Algorithm 1, lines 1-7; paper 200); give all three stage lengths or none", type=int)

@@ -65,7 +65,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(128, "input size, a multiple of 16 (128 px: 8x8 tokens): ViT-IC paper, Sec. 4.1")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: ViT-IC paper, Sec. 4.1")
     batch_size: int = arg(256, "global batch size: ViT-IC paper, Sec. 4.1")
     lr: float = arg(1e-3, "Adam learning rate, constant: ViT-IC paper, Sec. 4.1 (no weight decay: the author's code)")

@@ -64,7 +64,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
     batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
     lr: float = arg(3e-4, "Adam learning rate: VTCC paper, Sec. III-A (no weight decay or schedule: the authors' code)")
