@@ -487,6 +487,8 @@ class Env:
             # on a large dataset (NCCL's default is 10 minutes).
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
             atexit.register(torch.distributed.destroy_process_group)
+        if args.precision is None:  # the flag left out: the authors trained in fp32, so their recipe does (kept on --resume)
+            args.precision = "fp32" if getattr(args, "recipe", None) == "authors" else "auto"
         self.dtype = pick_precision(args.precision, self.device)
         if args.threads:
             torch.set_num_threads(args.threads)
