@@ -17,6 +17,13 @@ is read from the paper. Where it is silent or ambiguous:
 - STL-10: the unlabeled 100k images train Fproj (FLC) in a pass of their own, as CC does; the paper
   does not say so, but its 120 GPU-hours for STL-10 against 55 for CIFAR-10 imply them.
 - CR's printed sign (Eq. 3.6) would minimise the entropy; this script maximises it (see cr_loss).
+- Images (both recipes): CC's code (the recipe taken) crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the paper does not say; `--recipe authors` trains in fp32, as CC's code whose recipe
+  it takes, and `--recipe paper` in bf16 autocast on a GPU for speed (`--precision fp32` to match).
 
 Usage: python dcsc.py --dataset cifar10 --epochs 1000
        python dcsc.py --dataset cifar10 --ablate slc      (Table 2: k-means on Fproj's features)

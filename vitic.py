@@ -21,6 +21,14 @@ Paper versus the author's code (github.com/RyanLow/vitic), in one place:
   layers Xavier, CLS token std 1e-6, the conv stem at torch's default; the heads at torch's default.
 - Adam without weight decay: the code (the paper gives the constant learning rate only).
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (13 at 128 px).
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here (its unnormalised features
+  can give logits in the hundreds, where bf16 rounding is coarse); `--recipe paper` uses bf16
+  autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python vitic.py --dataset cifar10 --epochs 1000
        python vitic.py --dataset cifar10 --recipe authors   (unnormalised instance features, as the code)

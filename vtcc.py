@@ -20,6 +20,13 @@ Paper versus the authors' code (github.com/JackKoLing/VTCC), in one place:
   layers Xavier, CLS token std 1e-6; the stem's convolutions at torch's default (the code has no
   patchify variant; Table V's patchify stem here keeps the same rule); the heads at torch's default.
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here; `--recipe paper` uses bf16
+  autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python vtcc.py --dataset rsod --epochs 1000
        python vtcc.py --dataset rsod --recipe authors     (the authors' augmentations)
