@@ -1394,13 +1394,14 @@ def load_data(args, env, with_unlabeled=False):
     import data
 
     cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
+    memory = store_memory(args, env)  # measured by every process before rank 0 decodes, so all choose one S
 
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                  storage_size=args.storage_size, cache_dir=str(cache),
                                  need=None if args.eval_only else args.batch_size,  # evaluation has no batch to fill
-                                 memory=store_memory(args, env))
+                                 memory=memory)
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
