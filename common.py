@@ -493,6 +493,27 @@ class Gather(torch.autograd.Function):
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
 
+def host_memory():
+    """Bytes of host memory available now (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def store_memory(args, run, share=0.25):
+    """Bytes the uint8 dataset may take when --storage-size is not given (data.storage_side): half the
+    host's available memory (the rest for the model, evaluation, decoding and the cache's pages), and
+    under --data-on-device yes on a GPU also place_images' share of its free memory. Under auto a dataset
+    too large for the GPU stays on the host at its native size, as the authors' loaders keep it."""
+    host = host_memory()
+    limits = [host // 2] if host else []
+    if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
+        limits.append(int(share * torch.cuda.mem_get_info(run.device)[0]))
+    return min(limits, default=None)
+
+
 def place_images(images, choice, run, share=0.25):
     """The uint8 dataset on the GPU when it fits in `share` of its free memory (auto): no host transfers."""
     if run.device.type != "cuda" or choice == "no" or choice == "auto" and images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
@@ -523,6 +544,7 @@ def load_data(args, run, with_unlabeled=False):
     import data
 
     cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
+    memory = store_memory(args, run)  # measured by every process before rank 0 decodes, so all choose one S
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
             warnings.simplefilter("always")
@@ -533,7 +555,8 @@ def load_data(args, run, with_unlabeled=False):
                     ds = data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                            seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                            storage_size=args.storage_size, cache_dir=str(cache),
-                                           need=None if args.eval_only else args.batch_size)  # evaluation has no batch to fill
+                                           need=None if args.eval_only else args.batch_size,  # evaluation has no batch to fill
+                                           memory=memory)
         for w in caught if run.is_main else []:
             print(f"warning: {w.message}", file=sys.stderr, flush=True)
     except data.DataError as e:
@@ -726,6 +749,8 @@ class Run:
             backend = "nccl" if self.device.type == "cuda" else "gloo"  # a timeout past NCCL's 10 minutes
             torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=3))
             atexit.register(torch.distributed.destroy_process_group)
+        if args.precision is None:  # the flag left out: the authors trained in fp32, so their recipe does (kept on --resume)
+            args.precision = "fp32" if getattr(args, "recipe", None) == "authors" else "auto"
         self.dtype = pick_precision(args.precision, self.device)
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         if args.threads:

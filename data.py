@@ -101,14 +101,13 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None):
+                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None, memory=None):
     """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
 
     Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
-    storage_size, default 2 x image_size, and never more than the largest native side (digits 8,
-    CIFAR 32, STL-10 96, UC Merced 256). 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
-    a smallest crop (scale 0.08: 0.28 of each side) of a large image still spans 0.57 x image_size
-    stored pixels.
+    storage_size, never more than the largest native side; by default that native side (the papers
+    crop from the original image), or less when N x 3 x S^2 bytes would not fit in `memory`
+    (storage_side).
 
     need: the fewest images a training run can use (its --batch-size); with it, a dataset smaller than
     one batch or than K is refused before any image is decoded (and no cache is written).
@@ -120,7 +119,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         raise DataError(f"--max-images must be at least 2, got {max_images}")
     if storage_size is not None and storage_size < 1:
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
-    size = storage_size or 2 * image_size
+    size = functools.partial(storage_side, given=storage_size, memory=memory)  # S of (n images, largest native side)
     name = str(name_or_path)
     unlabeled = None
     if name == "digits":
@@ -168,8 +167,21 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         h, w = ds.sizes[small.nonzero()[0, 0]].tolist()
         warnings.warn(f"{ds.name}: {int(small.sum())} of {len(ds)} images are smaller than the training size "
                       f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
+    native, side = int(ds.sizes.max()), ds.images.shape[-1]
+    if side < native and not storage_size:
+        warnings.warn(f"{ds.name}: {len(ds)} images at their native {native} px would take {len(ds) * 3 * native ** 2 / 1e9:.1f} "
+                      f"GB, more than the {memory / 1e9:.1f} GB the store may use: stored at {side} px (--storage-size S sets the side)")
     ds.unlabeled = unlabeled
     return ds
+
+
+def storage_side(n, native, given=None, memory=None, cached=None):
+    """The stored side S of n images whose largest native side is `native`: --storage-size when given,
+    else the native side, or when n x 3 x S^2 bytes exceed `memory` (bytes; None: no limit) the
+    largest S that fits (a cache's smaller side is kept until the native side fits). Never above native."""
+    if given or memory is None or n * 3 * native ** 2 <= memory:
+        return min(given or native, native)
+    return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
 
 
 def _check_count(n, need, num_clusters, classes, name):
@@ -222,7 +234,7 @@ def _from_arrays(name, images, labels, files, classes, size, max_images, seed):
         keep = balanced_subset(labels, max_images, seed)
         images, labels, files = images[keep], labels[keep], [files[i] for i in keep]
     sizes = torch.tensor(images.shape[-2:]).repeat(len(images), 1)
-    images = _resize_uint8(images, min(size, images.shape[-1]))
+    images = _resize_uint8(images, size(len(images), images.shape[-1]))
     return ImageSet(images.contiguous(), sizes, labels, files, classes, len(classes), name)
 
 
@@ -434,22 +446,25 @@ def _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_cluster
 
 def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need=None, num_clusters=None):
     """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
-    read them from the cache. S = min(size, the largest native side)."""
+    read them from the cache. S = size(n, the largest native side)."""
     keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
     _check_count(len(keep) if keep is not None else len(listing), need, num_clusters, classes, name)  # before decoding
     # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
     key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
-           max_images, seed, size]
+           max_images, seed, size.keywords["given"]]
     key = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"{name}-{size}-{key}.pt")
+    cache = os.path.join(cache_dir, f"{name}-{size.keywords['given'] or 'native'}-{key}.pt")
     if os.path.exists(cache):
         try:
             # memory-mapped: starts in well under a second, and processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
+            side = c["images"].shape[-1]
+            if side != size(len(c["files"]), int(c["sizes"].max()), cached=side):  # the memory rule moved S
+                raise OSError(f"stored at {side} px, and {size(len(c['files']), int(c['sizes'].max()))} px fits the memory now")
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
             return ImageSet(c["images"], c["sizes"], c["labels"], c["files"], classes, len(classes), name)
         except (OSError, RuntimeError, KeyError, EOFError) as e:
-            warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
+            warnings.warn(f"rebuilding the cache {cache} ({e})")
 
     if keep is not None:
         listing = [listing[i] for i in keep]
@@ -461,7 +476,7 @@ def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, s
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
         ok = [s is not None for s in sizes]
-        size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
+        size = size(sum(ok), max((max(s) for s in sizes if s), default=1))  # never above the native size
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
