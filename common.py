@@ -503,10 +503,9 @@ def host_memory():
 
 
 def store_memory(args, run, share=0.25):
-    """Bytes the uint8 dataset may take when --storage-size is not given (data.storage_side): half the
-    host's available memory (the rest for the model, evaluation, decoding and the cache's pages), and
-    under --data-on-device yes on a GPU also place_images' share of its free memory. Under auto a dataset
-    too large for the GPU stays on the host at its native size, as the authors' loaders keep it."""
+    """Bytes the uint8 dataset may take without --storage-size (data.storage_side): half the host's available
+    memory, and under --data-on-device yes place_images' share of the GPU's (auto: a dataset too large for
+    the GPU stays on the host at its native size, as the authors' loaders keep it)."""
     host = host_memory()
     limits = [host // 2] if host else []
     if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
