@@ -657,19 +657,13 @@ def restore(run, state):
     except RuntimeError as e:  # e.g. another --num-clusters or --image-size than the checkpoint's
         detail = (str(e).strip().splitlines()[1:2] or [str(e)])[0].strip()
         fail(f"the checkpoint's weights do not fit the model these flags build ({detail}): pass the values it was trained with")
-    # Adam's state from any device: the implementation stays this device's (fused on CUDA only), the step
-    # count where it computes, each moment in its weight's memory layout (a fused kernel pairs their raw memory)
-    opt = run.optimizer
-    own = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(state["optimizer"])
-    for group, kept in zip(opt.param_groups, own):
-        group.update(kept)
-        for p in group["params"]:
-            for k, v in opt.state.get(p, {}).items():
-                if k == "step":
-                    opt.state[p][k] = v.to(p.device if group.get("fused") or group.get("capturable") else "cpu", torch.float32, copy=True)
-                elif torch.is_tensor(v) and v.shape == p.shape:
-                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+    # Adam's state from any device: the implementation stays this device's (fused on CUDA only; torch then puts
+    # the step count where it computes), each moment in its weight's memory layout (a fused kernel pairs their memory)
+    saved, opt = state["optimizer"], run.optimizer
+    opt.load_state_dict({**saved, "param_groups": [{**g, **{k: own[k] for k in ("fused", "foreach", "capturable") if k in own}}
+                                                   for g, own in zip(saved["param_groups"], opt.param_groups)]})
+    for p, moments in opt.state.items():  # copies, never the checkpoint's tensors
+        moments.update({k: v.clone() if k == "step" else torch.empty_like(p, dtype=v.dtype).copy_(v) for k, v in moments.items()})
     if run.scaler.is_enabled() and state["scaler"]:  # fp16 after a bf16 or fp32 run: a fresh scale
         run.scaler.load_state_dict(state["scaler"])
     world = state.get("world_size", 1)
