@@ -67,6 +67,10 @@ CIFAR100_SUPERCLASSES = {
 # fine label id (fine names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
+# the named datasets torchvision reads: its class, the folder it reads in --data-root, the download
+TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+               "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+               "stl10": ("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")}
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,7 +101,8 @@ class ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading: every source is a list of images (in memory, or files in a folder) with labels and
+# class names; load_dataset subsets it, checks it against the run's needs, and stores it.
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
@@ -113,53 +118,72 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     need: the fewest images a training run can use (its --batch-size); with it, a dataset smaller than
     one batch or than K is refused before any image is decoded (and no cache is written).
     """
-    cache_dir = cache_dir or os.path.join(root, ".cache")  # where decoded folders are cached
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
         raise DataError(f"--max-images must be at least 2, got {max_images}")
     if storage_size is not None and storage_size < 1:
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
-    size = storage_size or 2 * image_size
-    name = str(name_or_path)
-    unlabeled = None
+    size, name = storage_size or 2 * image_size, str(name_or_path)
+    title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
+    # a source: (uint8 images (N, 3, s, s) in memory, or the folder of the listed files), the list of
+    # N ids or [(file path relative to the folder, bytes, mtime_ns)], N labels or None, the class names
     if name == "digits":
-        ds = _load_digits(size, max_images, seed)
-    elif name in ("cifar10", "cifar100"):
-        ds = _load_cifar(name, root, size, max_images, seed)
-    elif name == "stl10":
-        ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
+        from sklearn.datasets import load_digits
+        d = load_digits()  # 1797 8x8 greys with values 0..16
+        x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None].expand(-1, 3, -1, -1)
+        source = x, [f"digits/{i}" for i in range(len(x))], d.target, [str(c) for c in range(10)]
+    elif name in TORCHVISION:  # train and test pooled: the papers' transductive protocol
+        parts = {split: _torchvision(name, root, split) for split in ("train", "test")}
+        files = [f"{name}/{split}/{i}" for split, (x, _, _) in parts.items() for i in range(len(x))]
+        labels, classes = [y for _, ys, _ in parts.values() for y in ys], parts["test"][2]
+        if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
+            labels, classes = [CIFAR100_COARSE[y] for y in labels], sorted(CIFAR100_SUPERCLASSES)
+        source = torch.cat([x for x, _, _ in parts.values()]), files, labels, classes
     elif name in IMAGENET_WNIDS:
-        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need)
-    elif name == "tiny-imagenet":
-        folder = os.path.join(root, "tiny-imagenet-200", "train")
-        if not os.path.isdir(folder):
-            raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
-                            f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
+        wnids, candidates = IMAGENET_WNIDS[name], [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
+        folder = next((f for f in candidates if all(os.path.isdir(os.path.join(f, w)) for w in wnids)), None)
+        if folder is None:
+            raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
+                            f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
+                            f"{candidates[0]}/<wnid>/)")
+        source = (folder, *_classes(folder, num_clusters, [(os.path.join(w, f), *r) for w in wnids
+                                                            for f, *r in _walk(os.path.join(folder, w))]))
     elif name == "chaoyang":
-        ds = _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters, need)
-    elif name in DATASETS:
-        folder = os.path.join(root, name)
+        source = _chaoyang(os.path.join(root, "chaoyang"))
+    elif name in DATASETS or os.path.isdir(name):
+        folder = os.path.join(root, {"tiny-imagenet": "tiny-imagenet-200/train"}.get(name, name)) if name in DATASETS else name
         if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
             folder = os.path.join(folder, "images")  # DTD as published: dtd/images/<class>/ beside labels/ and imdb/
+        if name == "tiny-imagenet" and not os.path.isdir(folder):
+            raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
+                            f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
         if not os.path.isdir(folder):
             published = {"rsod": f"; RSOD as published, {folder}/<class>/JPEGImages/*.jpg, works",
                          "dtd": f"; DTD as published, {folder}/images/<class>/*.jpg, works"}.get(name, "")
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively{published}). Download it from its publisher, or pass --data-root.")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
-    elif os.path.isdir(name):
-        ds = _load_folder(name, cache_dir, size, max_images, seed, workers, num_clusters,
-                          name=os.path.basename(os.path.normpath(name)), need=need)
+        source = folder, *_classes(folder, num_clusters, _walk(folder))
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
                         f"or a flat folder of images with --num-clusters")
     else:
         raise DataError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}, or the path of a folder "
                         f"of images (one sub-folder per class, or a flat folder with --num-clusters)")
-    ds.num_classes = num_clusters or len(ds.classes)
+    where, files, labels, classes = source
+    labels = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
+    keep = balanced_subset(labels, max_images, seed, total=len(files)) if max_images else None
+    _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)  # before decoding
+    if isinstance(where, str):
+        images, sizes, labels, files = _stored(where, files, labels, keep, size, max_images, seed, workers,
+                                               cache_dir or os.path.join(root, ".cache"), title)
+    else:
+        if keep is not None:
+            where, labels, files = where[keep], labels[keep], [files[i] for i in keep]
+        sizes = torch.tensor(where.shape[-2:]).repeat(len(where), 1)
+        images = _resize_uint8(where, min(size, where.shape[-1])).contiguous()
+    ds = ImageSet(images, sizes, labels, files, classes, num_clusters or len(classes), title)
     _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # again: unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
@@ -168,7 +192,10 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         h, w = ds.sizes[small.nonzero()[0, 0]].tolist()
         warnings.warn(f"{ds.name}: {int(small.sum())} of {len(ds)} images are smaller than the training size "
                       f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
-    ds.unlabeled = unlabeled
+    if with_unlabeled and name == "stl10":  # STL-10's 100k unlabelled images, for CC's instance loss
+        u = _torchvision(name, root, "unlabeled")[0]
+        u = u[balanced_subset(None, max_images, seed, total=len(u))] if max_images else u
+        ds.unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
     return ds
 
 
@@ -215,105 +242,153 @@ def _resize_uint8(x, size):
     return out
 
 
-def _from_arrays(name, images, labels, files, classes, size, max_images, seed):
-    """ImageSet from in-memory square uint8 images (N, 3, s, s): subset, then shrink to `size` if larger."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    if max_images:
-        keep = balanced_subset(labels, max_images, seed)
-        images, labels, files = images[keep], labels[keep], [files[i] for i in keep]
-    sizes = torch.tensor(images.shape[-2:]).repeat(len(images), 1)
-    images = _resize_uint8(images, min(size, images.shape[-1]))
-    return ImageSet(images.contiguous(), sizes, labels, files, classes, len(classes), name)
-
-
-def _load_digits(size, max_images, seed):
-    from sklearn.datasets import load_digits
-    d = load_digits()  # 1797 8x8 greys with values 0..16
-    x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))
-    x = x[:, None].expand(-1, 3, -1, -1)
-    files = [f"digits/{i}" for i in range(len(x))]
-    return _from_arrays("digits", x, d.target, files, [str(c) for c in range(10)], size, max_images, seed)
-
-
-def _torchvision_set(cls, root, where, url, **kw):
-    """A torchvision dataset from root; try to download it when missing; clear error otherwise."""
+def _torchvision(name, root, split):
+    """One split of a TORCHVISION dataset: (uint8 images (N, 3, s, s), labels, class names), downloaded
+    when missing; a clear error when that fails."""
+    import torchvision
+    cls, folder, url = TORCHVISION[name]
+    cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
-        return cls(root, download=False, **kw)
+        d = cls(root, download=False, **kw)
     except RuntimeError:
-        pass
-    try:
-        return cls(root, download=True, **kw)
-    except Exception as e:
-        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}: "
-                        f"{e}); download {url} and extract it into {root}/ (or pass --data-root)") from e
-
-
-def _load_cifar(name, root, size, max_images, seed):
-    import torchvision
-    if name == "cifar10":
-        cls, folder, url = torchvision.datasets.CIFAR10, "cifar-10-batches-py", \
-            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    else:
-        cls, folder, url = torchvision.datasets.CIFAR100, "cifar-100-python", \
-            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-    images, labels, files = [], [], []
-    for split, train in (("train", True), ("test", False)):  # train+test pooled: the papers' transductive protocol
-        d = _torchvision_set(cls, root, os.path.join(root, folder), url, train=train)
-        images.append(torch.from_numpy(d.data).permute(0, 3, 1, 2))
-        labels += list(d.targets)
-        files += [f"{name}/{split}/{i}" for i in range(len(d.data))]
-    classes = d.classes
-    if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
-        coarse = {f: _coarse_of[f] for f in classes}
-        labels = [coarse[classes[y]] for y in labels]
-        classes = sorted(CIFAR100_SUPERCLASSES)
-    return _from_arrays(name, torch.cat(images), labels, files, classes, size, max_images, seed)
-
-
-def _load_stl10(root, size, max_images, seed, with_unlabeled):
-    import torchvision
-    url, where = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", os.path.join(root, "stl10_binary")
-    images, labels, files = [], [], []
-    for split in ("train", "test"):
-        d = _torchvision_set(torchvision.datasets.STL10, root, where, url, split=split)
-        images.append(torch.from_numpy(d.data))
-        labels += d.labels.tolist()
-        files += [f"stl10/{split}/{i}" for i in range(len(d.data))]
-    ds = _from_arrays("stl10", torch.cat(images), labels, files, d.classes, size, max_images, seed)
-    unlabeled = None
-    if with_unlabeled:
-        u = torch.from_numpy(_torchvision_set(torchvision.datasets.STL10, root, where, url, split="unlabeled").data)
-        if max_images:
-            u = u[balanced_subset(None, max_images, seed, total=len(u))]
-        unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
-    return ds, unlabeled
-
-
-def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need):
-    wnids = IMAGENET_WNIDS[name]
-    candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
-    for folder in candidates:
-        if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
-            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids, need=need)
-    raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
-                    f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
-                    f"{candidates[0]}/<wnid>/)")
-
-
-def _is_image(fname):
-    return os.path.splitext(fname)[1].lower() in IMAGE_EXTS and not fname.startswith(".")
+        try:
+            d = cls(root, download=True, **kw)
+        except Exception as e:
+            raise DataError(f"{cls.__name__} is not in {os.path.join(root, folder)} and could not be downloaded "
+                            f"({type(e).__name__}: {e}); download {url} and extract it into {root}/ (or pass "
+                            f"--data-root)") from e
+    x = torch.from_numpy(d.data)  # STL-10 (N, 3, 96, 96); CIFAR (N, 32, 32, 3)
+    return (x if name == "stl10" else x.permute(0, 3, 1, 2)), [int(y) for y in (d.labels if name == "stl10" else d.targets)], d.classes
 
 
 def _walk(folder):
-    """Image files under folder, recursively, sorted: [(path relative to folder, size, mtime_ns)]."""
+    """Image files under folder, recursively, sorted: [(path relative to folder, bytes, mtime_ns)]."""
     out = []
     for top, dirs, fnames in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
         for f in sorted(fnames):
-            if _is_image(f):
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith("."):
                 st = os.stat(os.path.join(top, f))
                 out.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
     return out
+
+
+def _classes(folder, num_clusters, listing):
+    """(listing, labels, class names) of the images under folder: one sub-folder per class (images
+    found recursively inside it), or a flat folder of unlabelled images."""
+    layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
+    if not listing:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
+    flat = [r for r in listing if os.sep not in r[0]]
+    if len(flat) == len(listing):  # no class folders: the user's own unlabelled images
+        if num_clusters is None:
+            raise DataError(f"{folder} is a flat folder of unlabelled images: pass --num-clusters K, or put the "
+                            f"images in one sub-folder per class")
+        return listing, None, []
+    if flat:
+        warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
+        listing = [r for r in listing if os.sep in r[0]]
+    classes = sorted({r[0].split(os.sep)[0] for r in listing})
+    if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
+        fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
+               f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
+               f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
+        raise DataError(f"{folder}: its only sub-folders are {', '.join(classes)}, dataset splits, not classes: {fix}")
+    if len(classes) < 2:
+        raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
+                        f"(or a flat folder of images with --num-clusters)")
+    index = {c: i for i, c in enumerate(classes)}
+    return listing, [index[r[0].split(os.sep)[0]] for r in listing], classes
+
+
+def _chaoyang(folder):
+    """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
+    of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
+    listing, labels, missing = [], [], []
+    for split in ("train", "test"):
+        path = os.path.join(folder, f"{split}.json")
+        if not os.path.isfile(path):
+            raise DataError(f"Chaoyang not found: expected {folder}/train/ and {folder}/test/ with their label files "
+                            f"{folder}/train.json and {folder}/test.json, as downloaded; or pass --data-root")
+        try:
+            with open(path) as f:
+                entries = [(e["name"], int(e["label"])) for e in json.load(f)]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} is not Chaoyang's label file, a JSON list of "
+                            f"{{\"name\": \"{split}/<file>\", \"label\": 0-3}} ({type(e).__name__}: {e}); download it again") from e
+        for file, label in entries:
+            if not 0 <= label < len(CHAOYANG_CLASSES):
+                raise DataError(f"{path}: label {label} of {file} is not one of Chaoyang's 0-3; download it again")
+            try:
+                st = os.stat(os.path.join(folder, file))
+            except OSError:
+                missing.append(file)
+                continue
+            listing.append((os.path.normpath(file), st.st_size, st.st_mtime_ns))
+            labels.append(label)
+    if missing:
+        raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
+    return folder, listing, labels, CHAOYANG_CLASSES
+
+
+def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cache_dir, name):
+    """(images, sizes, labels, files) of the listed files (`keep` of them, when not None), decoded whole
+    at S = min(size, the largest native side), or read from the cache."""
+    # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
+    key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None, max_images, seed,
+           size]
+    cache = os.path.join(cache_dir, f"{name}-{size}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
+    if os.path.exists(cache):
+        try:
+            # memory-mapped: starts in well under a second, and processes on one machine share the pages
+            c = torch.load(cache, weights_only=True, mmap=True)
+            _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
+            return c["images"], c["sizes"], c["labels"], c["files"]
+        except (OSError, RuntimeError, KeyError, EOFError) as e:
+            warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
+    if keep is not None:
+        listing, labels = [listing[i] for i in keep], labels[keep] if labels is not None else None
+    files = [r[0] for r in listing]
+    paths = [os.path.join(folder, f) for f in files]
+    workers = workers or os.cpu_count() or 1
+    print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
+        sizes = list(pool.map(_image_size, paths, chunksize=64))
+        ok = [s is not None for s in sizes]
+        size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
+        arr = np.zeros((len(paths), 3, size, size), np.uint8)
+
+        def work(i):
+            if ok[i]:
+                try:
+                    arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
+                except Exception:
+                    ok[i] = False
+
+        list(pool.map(work, range(len(paths)), chunksize=16))
+    bad = [f for f, good in zip(files, ok) if not good]
+    _report_bad(bad, len(files), folder)
+    if bad:
+        arr, files = arr[np.array(ok)], [f for f, g in zip(files, ok) if g]
+        labels = labels[torch.tensor(ok)] if labels is not None else None
+    images = torch.from_numpy(arr)
+    sizes = torch.tensor([s[::-1] for s, good in zip(sizes, ok) if good], dtype=torch.int64).view(-1, 2)  # (height, width)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    torch.save({"images": images, "sizes": sizes, "labels": labels, "files": files, "bad": bad}, tmp)
+    os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
+    return images, sizes, labels, files
+
+
+def _report_bad(bad, total, folder):
+    if not bad:
+        return
+    names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    if len(bad) > 0.01 * total:
+        raise DataError(f"{len(bad)} of {total} images in {folder} cannot be read ({names}); "
+                        f"fix or remove them (up to 1% are skipped with a warning)")
+    warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
 
 
 def _image_size(path):
@@ -361,139 +436,6 @@ def to_rgb(im):
     if im.mode == "RGBA":
         return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
     return im.convert("RGB")
-
-
-def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None, need=None):
-    """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
-    if not os.path.isdir(folder):
-        raise DataError(f"folder {folder} not found")
-    layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
-    if only is not None:
-        listing = [(os.path.join(c, f), s, m) for c in only for f, s, m in _walk(os.path.join(folder, c))]
-    else:
-        listing = _walk(folder)
-    if not listing:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
-    flat = [r for r in listing if os.sep not in r[0]]
-    if len(flat) == len(listing):  # no class folders: the user's own unlabelled images
-        if num_clusters is None:
-            raise DataError(f"{folder} is a flat folder of unlabelled images: pass --num-clusters K, or put the "
-                            f"images in one sub-folder per class")
-        classes, labels = [], None
-    else:
-        if flat:
-            warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
-            listing = [r for r in listing if os.sep in r[0]]
-        classes = sorted({r[0].split(os.sep)[0] for r in listing})
-        if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
-            fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
-                   f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
-                   f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
-            raise DataError(f"{folder}: its only sub-folders are {', '.join(classes)}, dataset splits, not classes: {fix}")
-        if len(classes) < 2:
-            raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
-                            f"(or a flat folder of images with --num-clusters)")
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need, num_clusters)
-
-
-def _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters=None, need=None):
-    """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
-    of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
-    folder = os.path.join(root, "chaoyang")
-    listing, labels, missing = [], [], []
-    for split in ("train", "test"):
-        path = os.path.join(folder, f"{split}.json")
-        if not os.path.isfile(path):
-            raise DataError(f"Chaoyang not found: expected {folder}/train/ and {folder}/test/ with their label files "
-                            f"{folder}/train.json and {folder}/test.json, as downloaded; or pass --data-root")
-        try:
-            with open(path) as f:
-                entries = [(e["name"], int(e["label"])) for e in json.load(f)]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path} is not Chaoyang's label file, a JSON list of "
-                            f"{{\"name\": \"{split}/<file>\", \"label\": 0-3}} ({type(e).__name__}: {e}); download it again") from e
-        for file, label in entries:
-            if not 0 <= label < len(CHAOYANG_CLASSES):
-                raise DataError(f"{path}: label {label} of {file} is not one of Chaoyang's 0-3; download it again")
-            try:
-                st = os.stat(os.path.join(folder, file))
-            except OSError:
-                missing.append(file)
-                continue
-            listing.append((os.path.normpath(file), st.st_size, st.st_mtime_ns))
-            labels.append(label)
-    if missing:
-        raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
-                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
-    labels = torch.tensor(labels, dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang", need,
-                       num_clusters)
-
-
-def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need=None, num_clusters=None):
-    """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
-    read them from the cache. S = min(size, the largest native side)."""
-    keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
-    _check_count(len(keep) if keep is not None else len(listing), need, num_clusters, classes, name)  # before decoding
-    # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
-    key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
-           max_images, seed, size]
-    key = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"{name}-{size}-{key}.pt")
-    if os.path.exists(cache):
-        try:
-            # memory-mapped: starts in well under a second, and processes on one machine share the pages
-            c = torch.load(cache, weights_only=True, mmap=True)
-            _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
-            return ImageSet(c["images"], c["sizes"], c["labels"], c["files"], classes, len(classes), name)
-        except (OSError, RuntimeError, KeyError, EOFError) as e:
-            warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
-
-    if keep is not None:
-        listing = [listing[i] for i in keep]
-        labels = labels[keep] if labels is not None else None
-    files = [r[0] for r in listing]
-    paths = [os.path.join(folder, f) for f in files]
-    workers = workers or os.cpu_count() or 1
-    print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
-        sizes = list(pool.map(_image_size, paths, chunksize=64))
-        ok = [s is not None for s in sizes]
-        size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
-        arr = np.zeros((len(paths), 3, size, size), np.uint8)
-
-        def work(i):
-            if ok[i]:
-                try:
-                    arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
-                except Exception:
-                    ok[i] = False
-
-        list(pool.map(work, range(len(paths)), chunksize=16))
-    bad = [f for f, good in zip(files, ok) if not good]
-    _report_bad(bad, len(files), folder)
-    if bad:
-        arr, files = arr[np.array(ok)], [f for f, g in zip(files, ok) if g]
-        labels = labels[torch.tensor(ok)] if labels is not None else None
-    images = torch.from_numpy(arr)
-    sizes = torch.tensor([s[::-1] for s, good in zip(sizes, ok) if good], dtype=torch.int64).view(-1, 2)  # (height, width)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    torch.save({"images": images, "sizes": sizes, "labels": labels, "files": files, "bad": bad}, tmp)
-    os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
-    return ImageSet(images, sizes, labels, files, classes, len(classes), name)
-
-
-def _report_bad(bad, total, folder):
-    if not bad:
-        return
-    names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
-    if len(bad) > 0.01 * total:
-        raise DataError(f"{len(bad)} of {total} images in {folder} cannot be read ({names}); "
-                        f"fix or remove them (up to 1% are skipped with a warning)")
-    warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
@@ -566,27 +508,20 @@ def _pack(tensors, pin=False):
     return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
-def _resize_grid(offset, length, n_in, n_out):
-    """The small parts of the resampling weights of input[offset:offset+length] -> n_out pixels
-    (see _resize_weights), for offsets and lengths of any shape (...): the input pixel centres
-    c (..., n_in) and whether each lies in the box, the output centres (..., n_out), and the filter
-    support (...). Computed where offset lives: on the CPU for a training batch."""
-    scale = length / n_out
-    support = scale.clamp(min=1.0)
-    center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
-    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
-    inside = (c >= 0) & (c < length[..., None])
-    return c, center, support, inside
-
-
-def _resize_weights(c, center, support, inside):
-    """(..., n_out, n_in) rows of antialiased bilinear weights from _resize_grid's parts.
+def _resize_weights(offset, length, n_in, n_out):
+    """(..., n_out, n_in) rows of antialiased bilinear weights resampling input[offset:offset+length]
+    to n_out pixels, for offsets and lengths of any shape (...), made on their device.
 
     Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
     factor when shrinking, renormalised at the crop edges. Offsets and lengths may be fractional (a
     box mapped from the original image into the stored one): the pixels whose centres lie in
     [offset, offset + length) take part, at least one when length >= 1.
     """
+    scale = length / n_out
+    support = scale.clamp(min=1.0)
+    center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
+    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
+    inside = (c >= 0) & (c < length[..., None])
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
     return w / w.sum(-1, keepdim=True)
@@ -601,25 +536,21 @@ def _resample(x, ry, rx):
 
 
 def resized_crop(x, boxes, size, flip=None):
-    """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
-
-    As torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be fractional (see
-    _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output columns are
-    taken in reverse order.
-    """
+    """Crop boxes (B, 4) = (top, left, height, width) in pixels, each resized to size x size, as
+    torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be
+    fractional (see _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output
+    columns are taken in reverse order."""
     boxes = boxes.to(x.device, torch.float32)
-    c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], x.shape[-1], size)  # rows, columns
+    ry, rx = _resize_weights(boxes[:, :2], boxes[:, 2:], x.shape[-1], size).unbind(1)  # (B, size, S) each
     if flip is not None:
-        center[:, 1] = torch.where(flip.to(x.device)[:, None], center[:, 1].flip(-1), center[:, 1])
-    w = _resize_weights(c, center, support, inside)
-    return _resample(x, w[:, 0], w[:, 1])
+        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(-2), rx)
+    return _resample(x, ry, rx)
 
 
 @functools.lru_cache(maxsize=None)
 def _whole_weights(stored, size, device):
     """The weights resizing a whole stored image to size x size, made on the device once."""
-    grid = _resize_grid(torch.zeros(1, device=device), torch.full((1,), float(stored), device=device), stored, size)
-    return _resize_weights(*grid)
+    return _resize_weights(torch.zeros(1, device=device), torch.full((1,), float(stored), device=device), stored, size)
 
 
 def resize(x, size):
@@ -630,39 +561,12 @@ def resize(x, size):
     return _resample(x, w, w)
 
 
-def hflip(x, flip):
-    """Mirror the samples where flip (B,) is True."""
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-
-
-def _per_sample(f, x):
-    return f.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
-
-
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
 def rgb_to_grey(x):
     """(B, 1, H, W) luma with torchvision's weights."""
     return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
-
-
-def _linear_op(x, f, bright=False, sat=False):
-    """One of ColorJitter's linear ops for every sample, f (B,): _jitter_stage with one kind."""
-    yes = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
-    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat)
-
-
-def adjust_brightness(x, f):
-    return _linear_op(x, f, bright=True)
-
-
-def adjust_contrast(x, f):
-    return _linear_op(x, f)
-
-
-def adjust_saturation(x, f):
-    return _linear_op(x, f, sat=True)
 
 
 def adjust_hue(x, f):
@@ -676,63 +580,11 @@ def adjust_hue(x, f):
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
     top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals (r, then g): HSV's sector
     diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
-    h = diff / (c + (c == 0)) + (2 * top + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
+    h = diff / (c + (c == 0)) + (2 * top + 6 * f.view(-1, 1, 1))  # grey pixels: 0 / 1
     h = torch.remainder(h, 6)[:, None]  # in [0, 6)
     ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
                           _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
     return torch.addcmul(lo[:, None], ramps, c[:, None])
-
-
-def grayscale(x):
-    """3-channel grey, as torchvision's rgb_to_grayscale(x, num_output_channels=3)."""
-    return rgb_to_grey(x).expand_as(x).contiguous()
-
-
-def blur_kernel_size(size):
-    """Odd kernel of about 10% of the image: 23 at 224 px (CC's code), 13 at 128, 3 at 32 and below."""
-    k = max(3, int(0.1 * size))
-    return k + 1 - k % 2
-
-
-def _gaussian_kernels(sigma, kernel_size):
-    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
-    r = kernel_size // 2
-    t = torch.arange(-r, r + 1, device=sigma.device)
-    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    return k / k.sum(1, keepdim=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _reflect_index(n, kernel_size, device):
-    """(n, kernel_size): the source pixel of each tap, reflected at the edges without repeating them."""
-    r = kernel_size // 2
-    src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
-    return torch.where(src > n - 1, 2 * (n - 1) - src, src)
-
-
-def _blur(x, k):
-    """Separable blur of each sample with its own kernel k (B, kernel_size), reflect padding: one banded
-    (H, H) matrix per sample (reflection folded in), applied to rows and columns."""
-    n, size = x.shape[-1], k.shape[1]
-    if size // 2 >= n:
-        raise ValueError(f"blur kernel {size} too large for {n} px images")
-    m = torch.zeros(len(x), n, n, device=x.device)
-    m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
-    return m[:, None] @ x @ m.transpose(1, 2)[:, None]
-
-
-def gaussian_blur(x, kernel_size, sigma):
-    """Gaussian blur with sigma (B,) per sample and reflect padding, as torchvision's gaussian_blur."""
-    return _blur(x, _gaussian_kernels(sigma.to(x.device), kernel_size))
-
-
-def solarize(x, threshold=0.5):
-    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
-    return torch.where(x >= threshold, 1 - x, x)
-
-
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
 
 
 def _jitter_stage(x, f, bright, sat, out=None):
@@ -780,6 +632,49 @@ def _jitter(x, params, bounds):
     return x[back]
 
 
+def blur_kernel_size(size):
+    """Odd kernel of about 10% of the image: 23 at 224 px (CC's code), 13 at 128, 3 at 32 and below."""
+    k = max(3, int(0.1 * size))
+    return k + 1 - k % 2
+
+
+def _gaussian_kernels(sigma, kernel_size):
+    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return k / k.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _reflect_index(n, kernel_size, device):
+    """(n, kernel_size): the source pixel of each tap, reflected at the edges without repeating them."""
+    r = kernel_size // 2
+    src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
+    return torch.where(src > n - 1, 2 * (n - 1) - src, src)
+
+
+def blur(x, k):
+    """Separable blur of each sample with its own kernel k (B, kernel_size), reflect padding, as
+    torchvision's gaussian_blur with _gaussian_kernels(sigma): one banded (H, H) matrix per sample
+    (reflection folded in), applied to rows and columns."""
+    n, size = x.shape[-1], k.shape[1]
+    if size // 2 >= n:
+        raise ValueError(f"blur kernel {size} too large for {n} px images")
+    m = torch.zeros(len(x), n, n, device=x.device)
+    m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
+    return m[:, None] @ x @ m.transpose(1, 2)[:, None]
+
+
+def solarize(x, threshold=0.5):
+    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Random parameters, sampled as torchvision does, from a seeded CPU generator
 # ---------------------------------------------------------------------------------------------
@@ -824,19 +719,6 @@ def stored_boxes(boxes, sizes, stored):
     return torch.cat([start, length], 1)
 
 
-def sample_jitter(n, strengths, g):
-    """ColorJitter factors (n, 4) for brightness, contrast, saturation, hue, and a random order (n, 4).
-
-    Factors ~ U(max(0, 1 - s), 1 + s) (hue ~ U(-s, s)); each sample has its own permutation of the four ops.
-    """
-    b, c, s, h = strengths
-    lo = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h])
-    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    factors = lo + (hi - lo) * torch.rand(n, 4, generator=g)
-    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
-    return factors, order
-
-
 @dataclass(frozen=True)
 class View:
     """One view's random transform, as data: each method file declares its recipe as two Views.
@@ -868,13 +750,18 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU)."""
+    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU).
+    ColorJitter's factors (n, 4) ~ U(max(0, 1 - s), 1 + s) for brightness, contrast, saturation
+    (hue ~ U(-s, s)), and each sample's own order of the four ops (n, 4)."""
     whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
                                  torch.as_tensor(width).expand(n)], 1).long()  # the whole original
     boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole()
     flip = torch.rand(n, generator=g) < view.flip
     jitter = torch.rand(n, generator=g) < view.p_jitter
-    factors, order = sample_jitter(n, view.jitter, g)
+    b, c, s, h = view.jitter
+    lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
+    factors = lo + (hi - lo) * torch.rand(n, 4, generator=g)
+    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
     gray = torch.rand(n, generator=g) < view.p_grey
     blur = torch.rand(n, generator=g) < view.p_blur
     sigma = _uniform(n, *view.sigma, g)
@@ -938,13 +825,9 @@ class Augmentation:
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original's width x height, as RandomResizedCrop on the full image, then cut from the same
-        # part of the stored square
-        boxes = stored_boxes(q["boxes"], sizes, s)
-        c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], s, self.size)  # rows, columns
-        # flip is applied with the crop (output columns in reverse order): it commutes with the colour
-        # ops, the symmetric blur and solarize, so BYOL's flip-last order gives the same images
-        center[:, 1] = torch.where(q["flip"][:, None], center[:, 1].flip(-1), center[:, 1])
-        p, host = [c, center, support, inside], None
+        # part of the stored square. The flip comes with the crop: it commutes with the colour ops,
+        # the symmetric blur and solarize, so BYOL's flip-last order gives the same images
+        p, host = [stored_boxes(q["boxes"], sizes, s), q["flip"]], None
         if v.p_jitter > 0:
             jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
             p += jitter
@@ -960,15 +843,14 @@ class Augmentation:
     def _apply(self, x, v, p, host):
         """One View on x's device from _params' tensors and host numbers."""
         p = iter(p)
-        w = _resize_weights(*(next(p) for _ in range(4)))
-        x = _resample(x, w[:, 0], w[:, 1])
+        x = resized_crop(x, next(p), self.size, next(p))
         per_sample = lambda t: t.view(-1, 1, 1, 1)
         if v.p_jitter > 0:
             x = _jitter(x, [next(p) for _ in range(6)], host)
         if v.p_grey > 0:
             x = torch.where(per_sample(next(p)), rgb_to_grey(x), x)
         if v.p_blur > 0:
-            x = _blur(x, next(p))
+            x = blur(x, next(p))
         if v.p_solarize > 0:
             x = solarize(x, per_sample(next(p)))
         return normalize(x, *v.norm) if v.norm else x
