@@ -1,16 +1,14 @@
 """Datasets and batched augmentations shared by the five method scripts (CC, VTCC, ViT-IC, PICI, DCSC).
 
 Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
-augmented a whole batch at a time on the training device: the random parameters come from a seeded
-CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling, and no
-DataLoader workers are needed. Which ops, how strong and how often is each method's recipe,
-declared as data (two `View`s) in the method's own file. Every image is kept whole, squashed to
-S x S, with its original height and width beside it (ds.sizes): the authors run RandomResizedCrop
-on the full original image and evaluate on the whole image resized to size x size, and so do we
-(crop boxes are drawn in the original's frame and mapped into the stored square).
+augmented a batch at a time on the training device (no DataLoader workers), with torchvision's ops
+and sampling and random parameters from a seeded CPU generator. Each image is kept whole, squashed
+to S x S, its original height and width in ds.sizes: the authors crop (RandomResizedCrop) the full
+original and evaluate on the whole image resized, and so do we (boxes drawn in the original's frame).
+Each method file declares its recipe as two `View`s.
 
     ds = load_dataset("ucmerced", root="./data", image_size=224)
-    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5), View(crop=(0.08, 1.0), flip=0.5)), 224)
+    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5),) * 2, 224)
     for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
         x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
 """
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # number of classes per dataset, as the papers use them; a folder path is also accepted
 DATASETS = {
@@ -75,7 +74,7 @@ TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.tor
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 3  # bump when the decoding changes, so old caches are rebuilt (3: every mode by its range, see to_rgb; 2: whole images)
+CACHE_VERSION = 3  # bumped when the decoding changes, so old caches are rebuilt
 SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
 # Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
 CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
@@ -100,10 +99,8 @@ class ImageSet:
         return len(self.images)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading: every source is a list of images (in memory, or files in a folder) with labels and
-# class names; load_dataset subsets it, checks it against the run's needs, and stores it.
-# ---------------------------------------------------------------------------------------------
+# --- Loading: every source is a list of images (in memory, or files in a folder), labels and class
+# names; load_dataset subsets it, checks it against the run's needs, and stores it.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None):
@@ -111,12 +108,9 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
 
     Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
     storage_size, default 2 x image_size, and never more than the largest native side (digits 8,
-    CIFAR 32, STL-10 96, UC Merced 256). 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
-    a smallest crop (scale 0.08: 0.28 of each side) of a large image still spans 0.57 x image_size
-    stored pixels.
-
-    need: the fewest images a training run can use (its --batch-size); with it, a dataset smaller than
-    one batch or than K is refused before any image is decoded (and no cache is written).
+    CIFAR 32, STL-10 96, UC Merced 256): 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
+    a smallest crop (scale 0.08) of a large image still spans 0.57 x image_size stored pixels.
+    need: a run's --batch-size; a dataset smaller than it or than K is refused before decoding.
     """
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
@@ -126,8 +120,8 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
     size, name = storage_size or 2 * image_size, str(name_or_path)
     title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
-    # a source: (uint8 images (N, 3, s, s) in memory, or the folder of the listed files), the list of
-    # N ids or [(file path relative to the folder, bytes, mtime_ns)], N labels or None, the class names
+    # a source: uint8 images (N, 3, s, s) or the folder of the files; N ids or [(file path in the
+    # folder, bytes, mtime_ns)]; N labels or None; the class names
     if name == "digits":
         from sklearn.datasets import load_digits
         d = load_digits()  # 1797 8x8 greys with values 0..16
@@ -147,8 +141,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
             raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
                             f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
                             f"{candidates[0]}/<wnid>/)")
-        source = (folder, *_classes(folder, num_clusters, [(os.path.join(w, f), *r) for w in wnids
-                                                            for f, *r in _walk(os.path.join(folder, w))]))
+        source = _folder(folder, num_clusters, wnids)
     elif name == "chaoyang":
         source = _chaoyang(os.path.join(root, "chaoyang"))
     elif name in DATASETS or os.path.isdir(name):
@@ -164,7 +157,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively{published}). Download it from its publisher, or pass --data-root.")
-        source = folder, *_classes(folder, num_clusters, _walk(folder))
+        source = _folder(folder, num_clusters)
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
                         f"or a flat folder of images with --num-clusters")
@@ -213,22 +206,18 @@ def _check_count(n, need, num_clusters, classes, name):
 def balanced_subset(labels, n, seed, total=None):
     """Sorted indices of a class-balanced subset of n images (random within each class, seeded)."""
     total = len(labels) if labels is not None else total
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(total, generator=g)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     if n >= total:
         return torch.arange(total)
     if labels is None:
         return perm[:n].sort().values
+    # each image's rank in its class (in shuffled order); taking ranks 0, 1, 2... of every class in
+    # turn gives counts that differ by at most one between classes
     lab = torch.as_tensor(labels)[perm]
-    # rank of each image within its class (in shuffled order); taking ranks 0, 1, 2... of every
-    # class in turn gives counts that differ by at most one between classes
-    order = torch.argsort(lab, stable=True)
-    counts = torch.bincount(lab)
-    starts = torch.cumsum(counts, 0) - counts
+    order, counts = torch.argsort(lab, stable=True), torch.bincount(lab)
     rank = torch.empty_like(lab)
-    rank[order] = torch.arange(total) - starts[lab[order]]
-    take = torch.argsort(rank * total + torch.arange(total))[:n]
-    return perm[take].sort().values
+    rank[order] = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[lab[order]]
+    return perm[torch.argsort(rank * total + torch.arange(total))[:n]].sort().values
 
 
 def _resize_uint8(x, size):
@@ -273,9 +262,10 @@ def _walk(folder):
     return out
 
 
-def _classes(folder, num_clusters, listing):
-    """(listing, labels, class names) of the images under folder: one sub-folder per class (images
-    found recursively inside it), or a flat folder of unlabelled images."""
+def _folder(folder, num_clusters, only=None):
+    """The images under folder (in the class folders `only` when given): one sub-folder per class
+    (images found recursively inside it), or a flat folder of unlabelled images."""
+    listing = [(os.path.join(c, f), *r) for c in only for f, *r in _walk(os.path.join(folder, c))] if only else _walk(folder)
     layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
     if not listing:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
@@ -284,7 +274,7 @@ def _classes(folder, num_clusters, listing):
         if num_clusters is None:
             raise DataError(f"{folder} is a flat folder of unlabelled images: pass --num-clusters K, or put the "
                             f"images in one sub-folder per class")
-        return listing, None, []
+        return folder, listing, None, []
     if flat:
         warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
         listing = [r for r in listing if os.sep in r[0]]
@@ -298,7 +288,7 @@ def _classes(folder, num_clusters, listing):
         raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
                         f"(or a flat folder of images with --num-clusters)")
     index = {c: i for i, c in enumerate(classes)}
-    return listing, [index[r[0].split(os.sep)[0]] for r in listing], classes
+    return folder, listing, [index[r[0].split(os.sep)[0]] for r in listing], classes
 
 
 def _chaoyang(folder):
@@ -334,10 +324,9 @@ def _chaoyang(folder):
 
 def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cache_dir, name):
     """(images, sizes, labels, files) of the listed files (`keep` of them, when not None), decoded whole
-    at S = min(size, the largest native side), or read from the cache."""
-    # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
-    key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None, max_images, seed,
-           size]
+    at S = min(size, the largest native side), or read from the cache: its key covers the file list
+    (paths, sizes, mtimes), the labels, the subset and the storage size."""
+    key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, size]
     cache = os.path.join(cache_dir, f"{name}-{size}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
         try:
@@ -355,18 +344,17 @@ def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cach
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
-        ok = [s is not None for s in sizes]
         size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
-            if ok[i]:
-                try:
-                    arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
-                except Exception:
-                    ok[i] = False
+            try:
+                arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
+                return sizes[i] is not None
+            except Exception:
+                return False
 
-        list(pool.map(work, range(len(paths)), chunksize=16))
+        ok = list(pool.map(work, range(len(paths)), chunksize=16))
     bad = [f for f, good in zip(files, ok) if not good]
     _report_bad(bad, len(files), folder)
     if bad:
@@ -393,7 +381,6 @@ def _report_bad(bad, total, folder):
 
 def _image_size(path):
     """(width, height) from the header only, or None for an unreadable file."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             return im.size
@@ -402,8 +389,7 @@ def _image_size(path):
 
 
 def _decode(path, size):
-    """Decode one image whole: RGB, resized to size x size (aspect not kept). (size, size, 3) uint8."""
-    from PIL import Image
+    """One image whole as (size, size, 3) uint8 RGB, resized to size x size (aspect not kept)."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
         im = to_rgb(im)
@@ -413,16 +399,12 @@ def _decode(path, size):
 
 
 def to_rgb(im):
-    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's own convert("RGB")
-    clips 16-bit greys to white and rounds 0-1 floats to black):
-    - 16-bit greys (I;16, I;16B, ...): 0-65535 to 0-255. 32-bit integer greys (I, as Pillow opens
-      some 16-bit files): the same when they fit 0-65535, else their own min-max.
-    - float greys (F): 0-1 to 0-255 when they fit it, else their own min-max (a float's scale is
-      not in the file).
-    - transparency (RGBA, LA, PA, palette or grey with a transparent colour): composited on white,
-      as an image viewer shows it; the hidden pixels' colours (often black or junk) are not data.
-    - CMYK, 1-bit, palette, YCbCr, HSV: Pillow's conversion (1-bit: 0 or 255)."""
-    from PIL import Image
+    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's convert("RGB")
+    clips 16-bit greys to white and rounds 0-1 floats to black): 16-bit greys and 32-bit integer
+    ones that fit 0-65535 (as Pillow opens some 16-bit files) scaled from 0-65535, float greys
+    from 0-1, or else by their own min-max (a float's scale is not in the file); transparency
+    composited on white, as a viewer shows it (hidden pixels' colours are not data); CMYK, 1-bit,
+    palette, YCbCr, HSV by Pillow's conversion."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.float64)
         lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
@@ -472,18 +454,15 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         yield x, y, idx
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample.
-# Each matches torchvision.transforms.v2.functional for the same parameters (test_data.py).
-# On a GPU nothing here waits for it: parameters arrive in one copy (to_device), constants are
-# made on the device once (_vector), and per-sample choices are torch.where, a parameter that
-# changes nothing, or a slice of the batch in an order drawn up on the CPU (the colour jitter).
-# ---------------------------------------------------------------------------------------------
+# --- Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample, each
+# as torchvision.transforms.v2.functional (test_data.py). On a GPU nothing here waits for it: the
+# parameters arrive in one copy (to_device), constants are made on the device once (_vector), and
+# per-sample choices are torch.where, a parameter that changes nothing, or a slice of the batch in
+# an order drawn up on the CPU (the colour jitter).
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
-    """A small constant on `device`, made there by fill kernels (a host copy would wait for the
-    GPU's queue), once per device."""
+    """A small constant made on `device` by fill kernels (a host copy would wait for the GPU)."""
     return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
@@ -498,7 +477,7 @@ def to_device(tensors, device):
 
 
 def _pack(tensors, pin=False):
-    """(one uint8 buffer holding the tensors' bytes, a function viewing a copy of it as the tensors)."""
+    """(a uint8 buffer of the tensors' bytes, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.numel() * t.element_size() for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
@@ -509,14 +488,11 @@ def _pack(tensors, pin=False):
 
 
 def _resize_weights(offset, length, n_in, n_out):
-    """(..., n_out, n_in) rows of antialiased bilinear weights resampling input[offset:offset+length]
-    to n_out pixels, for offsets and lengths of any shape (...), made on their device.
-
-    Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
-    factor when shrinking, renormalised at the crop edges. Offsets and lengths may be fractional (a
-    box mapped from the original image into the stored one): the pixels whose centres lie in
-    [offset, offset + length) take part, at least one when length >= 1.
-    """
+    """(..., n_out, n_in) weights resampling input[offset:offset+length] to n_out pixels, for
+    offsets and lengths of any shape (...): torch's antialiased bilinear filter (PIL's), a triangle
+    widened by the shrink factor, renormalised at the crop edges. Offsets and lengths may be
+    fractional (a box mapped from the original into the stored image): the pixels whose centres lie
+    in [offset, offset + length) take part, at least one when length >= 1."""
     scale = length / n_out
     support = scale.clamp(min=1.0)
     center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
@@ -529,17 +505,16 @@ def _resize_weights(offset, length, n_in, n_out):
 
 def _resample(x, ry, rx):
     """Rows resampled by ry (B or 1, size, H), columns by rx (B or 1, size, W): two batched matrix
-    products. A uint8 input gives a float output in [0, 1]."""
+    products; a uint8 input gives a float output in [0, 1]."""
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
     return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
 
 
 def resized_crop(x, boxes, size, flip=None):
-    """Crop boxes (B, 4) = (top, left, height, width) in pixels, each resized to size x size, as
-    torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be
-    fractional (see _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output
-    columns are taken in reverse order."""
+    """Boxes (B, 4) = (top, left, height, width) of square images, maybe fractional, each resized to
+    size x size as torchvision's resized_crop(..., antialias=True); where flip (B,) is True mirrored,
+    at no cost (the output columns' weights in reverse order)."""
     boxes = boxes.to(x.device, torch.float32)
     ry, rx = _resize_weights(boxes[:, :2], boxes[:, 2:], x.shape[-1], size).unbind(1)  # (B, size, S) each
     if flip is not None:
@@ -547,18 +522,10 @@ def resized_crop(x, boxes, size, flip=None):
     return _resample(x, ry, rx)
 
 
-@functools.lru_cache(maxsize=None)
-def _whole_weights(stored, size, device):
-    """The weights resizing a whole stored image to size x size, made on the device once."""
-    return _resize_weights(torch.zeros(1, device=device), torch.full((1,), float(stored), device=device), stored, size)
-
-
 def resize(x, size):
-    """The whole stored image resized to size x size, i.e. the whole original resized to size x size
-    (torchvision's Resize((size, size))): the eval transform, and PICI's weak view that "merely
-    resizes and normalizes" the image (PICI paper, Sec. 4.1)."""
-    w = _whole_weights(x.shape[-1], size, x.device)
-    return _resample(x, w, w)
+    """The whole image resized to size x size (torchvision's Resize((size, size))): the eval
+    transform, and PICI's weak view that "merely resizes and normalizes" (PICI paper, Sec. 4.1)."""
+    return resized_crop(x, _vector((0.0, 0.0, x.shape[-1], x.shape[-1]), x.device)[None], size)
 
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
@@ -570,11 +537,9 @@ def rgb_to_grey(x):
 
 
 def adjust_hue(x, f):
-    """Rotate the hue by f (B,) in [-0.5, 0.5] turns; value and saturation unchanged.
-
-    The HSV round trip as a few elementwise ops: the hue h in sixths from the largest channel, then
-    each channel is min + chroma * ramp(h), with the three piecewise-linear ramps of HSV->RGB.
-    """
+    """Rotate the hue by f (B,) in [-0.5, 0.5] turns. The HSV round trip as a few elementwise ops:
+    the hue h in sixths from the largest channel, then each channel is min + chroma * ramp(h), with
+    the three piecewise-linear ramps of HSV->RGB."""
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
@@ -590,24 +555,20 @@ def adjust_hue(x, f):
 def _jitter_stage(x, f, bright, sat, out=None):
     """One of ColorJitter's linear ops per sample (f, bright, sat: (B, 1, 1, 1)), as torchvision's:
     brightness (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey) or contrast
-    (the blend with the mean grey), clamped to [0, 1]. Every sample takes both forms and keeps its
-    own: a few passes, no sync."""
+    (the blend with the mean grey), clamped to [0, 1]."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
     return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU).
-
-    The hue is each sample's costly op, so all do it in one stage; the linear ops before it in a
-    sample's order go to stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned).
-    With the jittered samples first, sorted by the hue's place p, the samples of each stage are one
-    slice: stage k < 3 takes those with p > k (its op order[k]), stage 3 + k those with p <= k
-    (order[k + 1]). Returns the tensors (the batch's order and its inverse; per stage (B, 6) the
-    factor, brightness or saturation (else contrast); the hue factor) in that order, and on the
-    host the number of jittered samples and each stage's slice.
-    """
+    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU). The hue is
+    the costly op, so all do it in one stage; the linear ops before it in a sample's order go to
+    stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned). With the jittered
+    samples first, sorted by the hue's place p, each stage's samples are one slice: stage k < 3
+    takes those with p > k (op order[k]), stage 3 + k those with p <= k (order[k + 1]). Returns the
+    tensors (the batch's order, its inverse; per stage (B, 6) the factor, brightness, saturation
+    (else contrast); the hue factor) and on the host the jittered count and each stage's slice."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -619,8 +580,8 @@ def _jitter_stages(factors, order, apply):
 
 
 def _jitter(x, params, bounds):
-    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage runs on its
-    slice of the batch put in _jitter_stages' order, in place; the batch's order is restored at the end."""
+    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage in place on
+    its slice of the batch in that order, then the batch's order restored."""
     perm, back, f, bright, sat, hue = params
     m, slices = bounds
     x = x[perm]
@@ -648,16 +609,16 @@ def _gaussian_kernels(sigma, kernel_size):
 
 @functools.lru_cache(maxsize=None)
 def _reflect_index(n, kernel_size, device):
-    """(n, kernel_size): the source pixel of each tap, reflected at the edges without repeating them."""
+    """(n, kernel_size): each tap's source pixel, reflected at the edges without repeating them."""
     r = kernel_size // 2
     src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
     return torch.where(src > n - 1, 2 * (n - 1) - src, src)
 
 
 def blur(x, k):
-    """Separable blur of each sample with its own kernel k (B, kernel_size), reflect padding, as
-    torchvision's gaussian_blur with _gaussian_kernels(sigma): one banded (H, H) matrix per sample
-    (reflection folded in), applied to rows and columns."""
+    """Each sample blurred with its own kernel k (B, kernel_size), reflect padding, as torchvision's
+    gaussian_blur with _gaussian_kernels(sigma): a banded (H, H) matrix per sample (reflection folded
+    in) on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
     if size // 2 >= n:
         raise ValueError(f"blur kernel {size} too large for {n} px images")
@@ -675,21 +636,16 @@ def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
 
 
-# ---------------------------------------------------------------------------------------------
-# Random parameters, sampled as torchvision does, from a seeded CPU generator
-# ---------------------------------------------------------------------------------------------
+# --- Random parameters, sampled as torchvision does, from a seeded CPU generator
 
 def _uniform(shape, lo, hi, g):
     return lo + (hi - lo) * torch.rand(shape, generator=g)
 
 
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop boxes (n, 4) = (top, left, h, w): torchvision's 10 tries, then its fallback.
-
-    height, width: the original image's size, one for all or (n,) tensors, one per image. Each try:
-    area ~ U(scale) of the image, log aspect ~ U(log ratio); the first box that fits wins; if none
-    fits, the centre crop of the whole image clamped to the ratio range.
-    """
+    """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
+    (n,) tensors): torchvision's 10 tries (area ~ U(scale), log aspect ~ U(log ratio), the first box
+    that fits wins), then its fallback, the centre crop clamped to the ratio range."""
     height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]  # (n, 1)
     width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
     area = height * width * _uniform((n, 10), *scale, g)
@@ -711,8 +667,8 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
 
 
 def stored_boxes(boxes, sizes, stored):
-    """Boxes (n, 4) in pixels of originals of sizes (n, 2) = (height, width), as float boxes in the
-    images stored at stored x stored: the same part of each image (at least one stored pixel wide)."""
+    """Boxes (n, 4) in originals of sizes (n, 2) = (height, width) as float boxes of the same parts
+    of the images stored at stored x stored (at least one stored pixel wide)."""
     f = stored / sizes.to(torch.float32)  # (n, 2) stored pixels per original pixel
     length = (boxes[:, 2:] * f).clamp(min=1.0)
     start = torch.minimum(boxes[:, :2] * f, stored - length)
@@ -721,15 +677,12 @@ def stored_boxes(boxes, sizes, stored):
 
 @dataclass(frozen=True)
 class View:
-    """One view's random transform, as data: each method file declares its recipe as two Views.
-
-    Applied in this order, each op with its own probability per sample: crop (RandomResizedCrop's
-    area scale; None = the whole image resized, the eval transform), horizontal flip, ColorJitter
-    (brightness, contrast, saturation, hue strengths, applied with p_jitter, its four ops in random
-    order), grayscale, Gaussian blur (sigma ~ U(sigma)), solarize (threshold 0.5), then normalise
-    with norm = (mean, std), or keep [0, 1] when None. Flip commutes with every later op, so a
-    recipe that flips last (BYOL's) gives the same images. The defaults do nothing.
-    """
+    """One view's random transform, as data (a method's recipe is two Views). In this order, each op
+    with its own probability per sample: crop (RandomResizedCrop's area scale; None: the whole image
+    resized, the eval transform), horizontal flip, ColorJitter (brightness, contrast, saturation,
+    hue strengths; p_jitter; its ops in random order), grayscale, Gaussian blur (sigma ~ U(sigma)),
+    solarize (threshold 0.5), then normalise with norm = (mean, std), or keep [0, 1] when None.
+    Flip commutes with every later op: a recipe that flips last (BYOL's) gives the same images."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
@@ -750,9 +703,8 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU).
-    ColorJitter's factors (n, 4) ~ U(max(0, 1 - s), 1 + s) for brightness, contrast, saturation
-    (hue ~ U(-s, s)), and each sample's own order of the four ops (n, 4)."""
+    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU);
+    ColorJitter's factors ~ U(max(0, 1 - s), 1 + s) (hue ~ U(-s, s)) and each sample's op order."""
     whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
                                  torch.as_tensor(width).expand(n)], 1).long()  # the whole original
     boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole()
@@ -771,22 +723,13 @@ def sample_view(n, height, width, g, view):
 
 
 class Augmentation:
-    """Two random views of a batch of whole uint8 images on its own device, as a recipe of two Views
-    describes them.
-
-    recipe: (View, View), declared in each method file. The eval transform is the whole image
-    resized with the recipe's normalisation (both views must share it). The blur kernel is an odd
-    ~10% of image_size (23 at 224 px as in the papers, scaled down for smaller images as
-    torchvision users do).
-
-    Without a host sync: a batch's random parameters are drawn from the seeded CPU generator (as
-    torchvision draws them), turned into small per-sample tensors there, and sent in one
-    non-blocking copy (to_device); on the device each op runs on the whole batch, a sample that
-    skips it taking a parameter that leaves it unchanged (blur kernel [1], solarize threshold inf)
-    or torch.where keeping its input; the colour jitter runs each of its stages on a slice of the
-    batch, sorted on the CPU (_jitter_stages). On the CPU the views are bit for bit those of
-    running each op on its own samples.
-    """
+    """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View)
+    describes them; the eval transform is the whole image resized with the recipe's normalisation
+    (both views share it). The blur kernel is an odd ~10% of image_size (23 at 224 px as in the
+    papers, scaled down for smaller images as torchvision users do). Without a host sync: a batch's
+    parameters are drawn on the CPU and sent in one copy; a sample that skips an op takes a
+    parameter that leaves it unchanged (blur kernel [1], solarize threshold inf) or torch.where
+    keeps its input. On the CPU the views are bit for bit those of each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -794,16 +737,13 @@ class Augmentation:
             raise ValueError(f"an augmentation recipe is two data.View, got {recipe!r}")
         if recipe[0].norm != recipe[1].norm:
             raise ValueError("the two views of a recipe must share the normalisation: the eval transform uses it")
-        self.recipe, self.size = recipe, image_size
-        self.kernel = blur_kernel_size(image_size)
-        self.norm = recipe[0].norm
+        self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None):
         """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
-        -> two float32 (B, 3, size, size) views on x's device.
-
-        extra: a function drawing more CPU tensors (e.g. PICI's masking noise) after the views'
-        parameters; they travel in the same copy and come back on the device as a third item."""
+        -> two float32 (B, 3, size, size) views on x's device. extra: a function drawing more CPU
+        tensors (e.g. PICI's masking noise) after the views' parameters; they come in the same copy,
+        as a third item."""
         return self._views(x, generator, self.recipe, sizes, extra)
 
     def view(self, x, g, v, sizes=None):
@@ -820,8 +760,8 @@ class Augmentation:
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def _params(self, v, n, s, g, sizes):
-        """One View's random parameters for n images stored at s x s (CPU): the tensors _apply reads,
-        in its order, and the jitter's slices (host numbers)."""
+        """One View's parameters for n images stored at s x s (CPU): the tensors _apply reads, in its
+        order, and the jitter's slices (host numbers)."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original's width x height, as RandomResizedCrop on the full image, then cut from the same
