@@ -1,11 +1,8 @@
 """Datasets and batched augmentations shared by the five method scripts (CC, VTCC, ViT-IC, PICI, DCSC).
 
-Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
-augmented a batch at a time on the training device (no DataLoader workers), with torchvision's ops
-and sampling and random parameters from a seeded CPU generator. Each image is kept whole, squashed
-to S x S, its original height and width in ds.sizes: the authors crop (RandomResizedCrop) the full
-original and evaluate on the whole image resized, and so do we (boxes drawn in the original's frame).
-Each method file declares its recipe as two `View`s.
+Images are decoded once into one uint8 tensor (N, 3, S, S), cached in `<root>/.cache/`, each whole
+(its original size in ds.sizes: the authors crop the full original and evaluate on it resized), and
+augmented a batch at a time on the device with torchvision's ops and a seeded CPU generator.
 
     ds = load_dataset("ucmerced", root="./data", image_size=224)
     aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5),) * 2, 224)
@@ -39,8 +36,7 @@ IMAGENET_WNIDS = {
     "imagenet-dogs": "n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
                      "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
 }
-# CIFAR-100's 20 super-classes and their 5 classes each (the dataset's own hierarchy); the coarse
-# label ids are the super-class names in alphabetical order, as in the dataset's meta file.
+# CIFAR-100's 20 super-classes and their 5 classes each; the coarse ids in alphabetical order (its meta file)
 CIFAR100_SUPERCLASSES = {
     "aquatic_mammals": "beaver dolphin otter seal whale",
     "fish": "aquarium_fish flatfish ray shark trout",
@@ -63,21 +59,19 @@ CIFAR100_SUPERCLASSES = {
     "vehicles_1": "bicycle bus motorcycle pickup_truck train",
     "vehicles_2": "lawn_mower rocket streetcar tank tractor",
 }
-# fine label id (fine names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
+# fine label id (names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
-# the named datasets torchvision reads: its class, the folder it reads in --data-root, the download
+# the named datasets torchvision reads: its class, its folder in --data-root, the download
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
                "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
                "stl10": ("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")}
-
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 3  # bumped when the decoding changes, so old caches are rebuilt
 SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
-# Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
-CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
+CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]  # its label ids 0-3, as released
 
 
 class DataError(ValueError):
@@ -86,32 +80,27 @@ class DataError(ValueError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, resized to S x S (aspect not kept)
-    sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame training crops are drawn in
+    images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, squashed to S x S
+    sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame crops are drawn in
     labels: torch.Tensor | None  # (N,) int64, None for unlabelled data
-    files: list  # N file paths relative to the folder, or "cifar10/train/123"-style ids
+    files: list  # N file paths in the folder, or "cifar10/train/123"-style ids
     classes: list  # class names ([] for unlabelled data)
     num_classes: int  # K: --num-clusters when given, else len(classes)
     name: str
-    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss); else None
+    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss)
 
     def __len__(self):
         return len(self.images)
 
 
-# --- Loading: every source is a list of images (in memory, or files in a folder), labels and class
-# names; load_dataset subsets it, checks it against the run's needs, and stores it.
+# --- Loading: every source is a list of images (in memory or files), labels and class names, which
+# load_dataset subsets, checks against the run's needs and stores.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None):
-    """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
-
-    Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
-    storage_size, default 2 x image_size, and never more than the largest native side (digits 8,
-    CIFAR 32, STL-10 96, UC Merced 256): 2 x image_size bounds the memory (N x 3 x S^2 bytes) while
-    a smallest crop (scale 0.08) of a large image still spans 0.57 x image_size stored pixels.
-    need: a run's --batch-size; a dataset smaller than it or than K is refused before decoding.
-    """
+    """A named dataset (DATASETS) or an image folder as an ImageSet. S: storage_size, by default
+    2 x image_size (a bound on memory; a smallest crop still spans 0.57 x image_size pixels), never
+    above the largest native side. need: --batch-size; fewer images or than K: refused early."""
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
@@ -120,8 +109,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
     size, name = storage_size or 2 * image_size, str(name_or_path)
     title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
-    # a source: uint8 images (N, 3, s, s) or the folder of the files; N ids or [(file path in the
-    # folder, bytes, mtime_ns)]; N labels or None; the class names
+    # a source: uint8 images (N, 3, s, s) or a folder; N ids or [(file, bytes, mtime_ns)]; labels; classes
     if name == "digits":
         from sklearn.datasets import load_digits
         d = load_digits()  # 1797 8x8 greys with values 0..16
@@ -194,11 +182,9 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
 
 def _check_count(n, need, num_clusters, classes, name):
     """A training run needs one batch of images, and at least one image per cluster."""
-    if need is None:
-        return
-    if n < need:
+    if need is not None and n < need:
         raise DataError(f"{name} has {n} images, fewer than --batch-size {need}: lower --batch-size")
-    if n < (num_clusters or len(classes)):
+    if need is not None and n < (num_clusters or len(classes)):
         fix = "lower --num-clusters" if num_clusters else f"raise --max-images to at least the {len(classes)} classes"
         raise DataError(f"{name} has {n} images, fewer than the {num_clusters or len(classes)} clusters: {fix}")
 
@@ -232,8 +218,7 @@ def _resize_uint8(x, size):
 
 
 def _torchvision(name, root, split):
-    """One split of a TORCHVISION dataset: (uint8 images (N, 3, s, s), labels, class names), downloaded
-    when missing; a clear error when that fails."""
+    """One split of a TORCHVISION dataset: (uint8 images (N, 3, s, s), labels, classes)."""
     import torchvision
     cls, folder, url = TORCHVISION[name]
     cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
@@ -247,25 +232,21 @@ def _torchvision(name, root, split):
                             f"({type(e).__name__}: {e}); download {url} and extract it into {root}/ (or pass "
                             f"--data-root)") from e
     x = torch.from_numpy(d.data)  # STL-10 (N, 3, 96, 96); CIFAR (N, 32, 32, 3)
-    return (x if name == "stl10" else x.permute(0, 3, 1, 2)), [int(y) for y in (d.labels if name == "stl10" else d.targets)], d.classes
-
-
-def _walk(folder):
-    """Image files under folder, recursively, sorted: [(path relative to folder, bytes, mtime_ns)]."""
-    out = []
-    for top, dirs, fnames in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
-        for f in sorted(fnames):
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith("."):
-                st = os.stat(os.path.join(top, f))
-                out.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
-    return out
+    if name == "stl10":
+        return x, [int(y) for y in d.labels], d.classes
+    return x.permute(0, 3, 1, 2), list(d.targets), d.classes
 
 
 def _folder(folder, num_clusters, only=None):
-    """The images under folder (in the class folders `only` when given): one sub-folder per class
-    (images found recursively inside it), or a flat folder of unlabelled images."""
-    listing = [(os.path.join(c, f), *r) for c in only for f, *r in _walk(os.path.join(folder, c))] if only else _walk(folder)
+    """The images under folder (or its class folders `only`): one sub-folder per class (searched
+    recursively), or a flat folder of unlabelled images."""
+    listing = []
+    for sub in only or [""]:
+        for top, dirs, fnames in os.walk(os.path.join(folder, sub), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
+            for f in sorted(f for f in fnames if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith(".")):
+                st = os.stat(os.path.join(top, f))
+                listing.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
     layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
     if not listing:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
@@ -292,8 +273,7 @@ def _folder(folder, num_clusters, only=None):
 
 
 def _chaoyang(folder):
-    """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
-    of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
+    """Chaoyang as published: {train,test}/*.jpg, labels in {train,test}.json; both splits pooled."""
     listing, labels, missing = [], [], []
     for split in ("train", "test"):
         path = os.path.join(folder, f"{split}.json")
@@ -323,14 +303,12 @@ def _chaoyang(folder):
 
 
 def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cache_dir, name):
-    """(images, sizes, labels, files) of the listed files (`keep` of them, when not None), decoded whole
-    at S = min(size, the largest native side), or read from the cache: its key covers the file list
-    (paths, sizes, mtimes), the labels, the subset and the storage size."""
+    """(images, sizes, labels, files) of the listed files (`keep` of them) at S = min(size, the
+    largest native side), decoded or from the cache (keyed by all that shapes them)."""
     key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, size]
     cache = os.path.join(cache_dir, f"{name}-{size}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
-        try:
-            # memory-mapped: starts in well under a second, and processes on one machine share the pages
+        try:  # memory-mapped: starts at once, and the processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
             return c["images"], c["sizes"], c["labels"], c["files"]
@@ -370,17 +348,16 @@ def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cach
 
 
 def _report_bad(bad, total, folder):
-    if not bad:
-        return
     names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
     if len(bad) > 0.01 * total:
         raise DataError(f"{len(bad)} of {total} images in {folder} cannot be read ({names}); "
                         f"fix or remove them (up to 1% are skipped with a warning)")
-    warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
 
 
 def _image_size(path):
-    """(width, height) from the header only, or None for an unreadable file."""
+    """(width, height) from the header, or None for an unreadable file."""
     try:
         with Image.open(path) as im:
             return im.size
@@ -400,11 +377,9 @@ def _decode(path, size):
 
 def to_rgb(im):
     """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's convert("RGB")
-    clips 16-bit greys to white and rounds 0-1 floats to black): 16-bit greys and 32-bit integer
-    ones that fit 0-65535 (as Pillow opens some 16-bit files) scaled from 0-65535, float greys
-    from 0-1, or else by their own min-max (a float's scale is not in the file); transparency
-    composited on white, as a viewer shows it (hidden pixels' colours are not data); CMYK, 1-bit,
-    palette, YCbCr, HSV by Pillow's conversion."""
+    clips 16-bit greys to white and 0-1 floats to black): integer greys from 0-65535, float greys
+    from 0-1, or else by their own min-max (a float's scale is not in the file); transparency on
+    white, as a viewer shows it (hidden pixels' colours are not data); the rest by Pillow."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.float64)
         lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
@@ -421,14 +396,9 @@ def to_rgb(im):
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
-    """Yield (uint8 images, labels or None, int64 CPU indices) batches of the cached tensor.
-
-    Shuffled with torch.randperm(generator) for training, in order for evaluation. With world_size > 1
-    (torchrun) the order is rank 0's draw, sent to every process, and each batch is this rank's
-    contiguous share of the global batch of batch_size: every image once per epoch, none twice in a
-    global batch. Images are indexed where they live (on the GPU when the dataset was put there) and
-    then moved to `device`, from pinned memory without blocking when they come from the CPU.
-    """
+    """(uint8 images, labels or None, int64 CPU indices) batches, shuffled by `generator` or in order.
+    Under torchrun each is this rank's share of one global batch, in rank 0's order. Images are
+    indexed where they live, then moved to `device` (from pinned memory, not blocking)."""
     n = len(images)
     if batch_size % world_size:
         raise DataError(f"batch size {batch_size} must divide by the number of processes {world_size}")
@@ -454,11 +424,10 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         yield x, y, idx
 
 
-# --- Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample, each
-# as torchvision.transforms.v2.functional (test_data.py). On a GPU nothing here waits for it: the
-# parameters arrive in one copy (to_device), constants are made on the device once (_vector), and
-# per-sample choices are torch.where, a parameter that changes nothing, or a slice of the batch in
-# an order drawn up on the CPU (the colour jitter).
+# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), one parameter per sample, each as
+# torchvision.transforms.v2.functional. No host sync: the parameters come in one copy (to_device),
+# constants are made on the device (_vector), and per-sample choices are torch.where, a parameter
+# that changes nothing, or a slice of the batch ordered on the CPU (the colour jitter).
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
@@ -467,8 +436,7 @@ def _vector(values, device):
 
 
 def to_device(tensors, device):
-    """CPU tensors on `device` after ONE copy: packed into one byte buffer (pinned for CUDA), sent
-    without blocking, and viewed back. A list; on the CPU the tensors come back as they are."""
+    """A list of CPU tensors on `device` after ONE copy of one (pinned) byte buffer, not blocking."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
@@ -487,44 +455,31 @@ def _pack(tensors, pin=False):
     return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
-def _resize_weights(offset, length, n_in, n_out):
-    """(..., n_out, n_in) weights resampling input[offset:offset+length] to n_out pixels, for
-    offsets and lengths of any shape (...): torch's antialiased bilinear filter (PIL's), a triangle
-    widened by the shrink factor, renormalised at the crop edges. Offsets and lengths may be
-    fractional (a box mapped from the original into the stored image): the pixels whose centres lie
-    in [offset, offset + length) take part, at least one when length >= 1."""
-    scale = length / n_out
+def resized_crop(x, boxes, size, flip=None):
+    """Boxes (B, 4) = (top, left, height, width) of square images, each resized to size x size as
+    torchvision's resized_crop(..., antialias=True) (PIL's filter: a triangle widened when shrinking,
+    renormalised at the edges), as matrices on rows and columns; mirrored where flip (B,) is True.
+    A fractional box takes the pixels whose centres lie in it, at least one."""
+    boxes = boxes.to(x.device, torch.float32)
+    offset, length, n_in = boxes[:, :2], boxes[:, 2:], x.shape[-1]  # (B, 2): rows, columns
+    scale = length / size
     support = scale.clamp(min=1.0)
-    center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
-    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
+    center = scale[..., None] * (torch.arange(size, device=x.device) + 0.5)  # crop coordinates
+    c = torch.arange(n_in, device=x.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
     inside = (c >= 0) & (c < length[..., None])
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
-    return w / w.sum(-1, keepdim=True)
-
-
-def _resample(x, ry, rx):
-    """Rows resampled by ry (B or 1, size, H), columns by rx (B or 1, size, W): two batched matrix
-    products; a uint8 input gives a float output in [0, 1]."""
+    ry, rx = (w / w.sum(-1, keepdim=True)).unbind(1)  # (B, size, S) each
+    if flip is not None:  # the output columns in reverse order
+        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(-2), rx)
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
     return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
 
 
-def resized_crop(x, boxes, size, flip=None):
-    """Boxes (B, 4) = (top, left, height, width) of square images, maybe fractional, each resized to
-    size x size as torchvision's resized_crop(..., antialias=True); where flip (B,) is True mirrored,
-    at no cost (the output columns' weights in reverse order)."""
-    boxes = boxes.to(x.device, torch.float32)
-    ry, rx = _resize_weights(boxes[:, :2], boxes[:, 2:], x.shape[-1], size).unbind(1)  # (B, size, S) each
-    if flip is not None:
-        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(-2), rx)
-    return _resample(x, ry, rx)
-
-
 def resize(x, size):
-    """The whole image resized to size x size (torchvision's Resize((size, size))): the eval
-    transform, and PICI's weak view that "merely resizes and normalizes" (PICI paper, Sec. 4.1)."""
+    """The whole image resized: the eval transform, and PICI's weak view that "merely resizes and
+    normalizes" (PICI paper, Sec. 4.1)."""
     return resized_crop(x, _vector((0.0, 0.0, x.shape[-1], x.shape[-1]), x.device)[None], size)
 
 
@@ -532,14 +487,11 @@ LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
 def rgb_to_grey(x):
-    """(B, 1, H, W) luma with torchvision's weights."""
     return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
 
 
 def adjust_hue(x, f):
-    """Rotate the hue by f (B,) in [-0.5, 0.5] turns. The HSV round trip as a few elementwise ops:
-    the hue h in sixths from the largest channel, then each channel is min + chroma * ramp(h), with
-    the three piecewise-linear ramps of HSV->RGB."""
+    """Rotate the hue by f (B,) turns: HSV's hue h in sixths, each channel min + chroma * ramp(h)."""
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
@@ -553,22 +505,18 @@ def adjust_hue(x, f):
 
 
 def _jitter_stage(x, f, bright, sat, out=None):
-    """One of ColorJitter's linear ops per sample (f, bright, sat: (B, 1, 1, 1)), as torchvision's:
-    brightness (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey) or contrast
-    (the blend with the mean grey), clamped to [0, 1]."""
+    """ColorJitter's brightness (bright), saturation (sat) or contrast per sample, f (B, 1, 1, 1)."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
     return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU). The hue is
-    the costly op, so all do it in one stage; the linear ops before it in a sample's order go to
-    stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned). With the jittered
-    samples first, sorted by the hue's place p, each stage's samples are one slice: stage k < 3
-    takes those with p > k (op order[k]), stage 3 + k those with p <= k (order[k + 1]). Returns the
-    tensors (the batch's order, its inverse; per stage (B, 6) the factor, brightness, saturation
-    (else contrast); the hue factor) and on the host the jittered count and each stage's slice."""
+    """ColorJitter's ops of each sample in its own order, laid out on the CPU. The costly hue is one
+    stage for all; the linear ops before it go to stages 0-2 (left-aligned), those after it to 3-5.
+    With the jittered samples first, sorted by the hue's place p, each stage is one slice: stage
+    k < 3 takes p > k (op order[k]), stage 3 + k takes p <= k (order[k + 1]). Returns the tensors
+    (order, inverse; per stage (B, 6) factor, brightness, saturation; hue factor) and host slices."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -580,8 +528,7 @@ def _jitter_stages(factors, order, apply):
 
 
 def _jitter(x, params, bounds):
-    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage in place on
-    its slice of the batch in that order, then the batch's order restored."""
+    """ColorJitter from _jitter_stages' tensors and host bounds: each stage in place on its slice."""
     perm, back, f, bright, sat, hue = params
     m, slices = bounds
     x = x[perm]
@@ -601,8 +548,7 @@ def blur_kernel_size(size):
 
 def _gaussian_kernels(sigma, kernel_size):
     """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
-    r = kernel_size // 2
-    t = torch.arange(-r, r + 1, device=sigma.device)
+    t = torch.arange(-(kernel_size // 2), kernel_size // 2 + 1, device=sigma.device)
     k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
     return k / k.sum(1, keepdim=True)
 
@@ -616,9 +562,8 @@ def _reflect_index(n, kernel_size, device):
 
 
 def blur(x, k):
-    """Each sample blurred with its own kernel k (B, kernel_size), reflect padding, as torchvision's
-    gaussian_blur with _gaussian_kernels(sigma): a banded (H, H) matrix per sample (reflection folded
-    in) on rows and columns."""
+    """Each sample blurred with its kernel k (B, kernel_size), reflect padding, as torchvision's
+    gaussian_blur: a banded matrix per sample on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
     if size // 2 >= n:
         raise ValueError(f"blur kernel {size} too large for {n} px images")
@@ -644,8 +589,7 @@ def _uniform(shape, lo, hi, g):
 
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
-    (n,) tensors): torchvision's 10 tries (area ~ U(scale), log aspect ~ U(log ratio), the first box
-    that fits wins), then its fallback, the centre crop clamped to the ratio range."""
+    (n,) tensors): torchvision's 10 tries, then its fallback."""
     height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]  # (n, 1)
     width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
     area = height * width * _uniform((n, 10), *scale, g)
@@ -667,8 +611,7 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
 
 
 def stored_boxes(boxes, sizes, stored):
-    """Boxes (n, 4) in originals of sizes (n, 2) = (height, width) as float boxes of the same parts
-    of the images stored at stored x stored (at least one stored pixel wide)."""
+    """Boxes (n, 4) of originals of sizes (n, 2) as float boxes of the images stored at stored px."""
     f = stored / sizes.to(torch.float32)  # (n, 2) stored pixels per original pixel
     length = (boxes[:, 2:] * f).clamp(min=1.0)
     start = torch.minimum(boxes[:, :2] * f, stored - length)
@@ -677,12 +620,10 @@ def stored_boxes(boxes, sizes, stored):
 
 @dataclass(frozen=True)
 class View:
-    """One view's random transform, as data (a method's recipe is two Views). In this order, each op
-    with its own probability per sample: crop (RandomResizedCrop's area scale; None: the whole image
-    resized, the eval transform), horizontal flip, ColorJitter (brightness, contrast, saturation,
-    hue strengths; p_jitter; its ops in random order), grayscale, Gaussian blur (sigma ~ U(sigma)),
-    solarize (threshold 0.5), then normalise with norm = (mean, std), or keep [0, 1] when None.
-    Flip commutes with every later op: a recipe that flips last (BYOL's) gives the same images."""
+    """One view's random transform (a method's recipe is two). In this order, each with its own
+    probability per sample: crop (RandomResizedCrop's scale; None: the whole image), flip,
+    ColorJitter (strengths; its ops in random order), grayscale, Gaussian blur, solarize (threshold
+    0.5), then normalise with norm = (mean, std) unless None."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
@@ -695,7 +636,6 @@ class View:
 
     @property
     def random(self):
-        """False for a view with nothing to draw (the whole image resized and normalised)."""
         return self.crop is not None or any(p > 0 for p in (self.flip, self.p_jitter, self.p_grey, self.p_blur, self.p_solarize))
 
 
@@ -703,33 +643,23 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU);
-    ColorJitter's factors ~ U(max(0, 1 - s), 1 + s) (hue ~ U(-s, s)) and each sample's op order."""
-    whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
-                                 torch.as_tensor(width).expand(n)], 1).long()  # the whole original
-    boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole()
-    flip = torch.rand(n, generator=g) < view.flip
-    jitter = torch.rand(n, generator=g) < view.p_jitter
+    """All random parameters of one View of n images, drawn in a fixed order from g (CPU)."""
+    coin = lambda p: torch.rand(n, generator=g) < p
     b, c, s, h = view.jitter
     lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
-    factors = lo + (hi - lo) * torch.rand(n, 4, generator=g)
-    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
-    gray = torch.rand(n, generator=g) < view.p_grey
-    blur = torch.rand(n, generator=g) < view.p_blur
-    sigma = _uniform(n, *view.sigma, g)
-    solar = torch.rand(n, generator=g) < view.p_solarize
-    return dict(boxes=boxes, flip=flip, jitter=jitter, factors=factors, order=order, gray=gray, blur=blur,
-                sigma=sigma, solarize=solar)
+    whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
+                                 torch.as_tensor(width).expand(n)], 1).long()  # the whole original
+    return dict(boxes=sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole(),
+                flip=coin(view.flip), jitter=coin(view.p_jitter), factors=lo + (hi - lo) * torch.rand(n, 4, generator=g),
+                order=torch.argsort(torch.rand(n, 4, generator=g), dim=1), gray=coin(view.p_grey), blur=coin(view.p_blur),
+                sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))  # drawn in this order
 
 
 class Augmentation:
-    """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View)
-    describes them; the eval transform is the whole image resized with the recipe's normalisation
-    (both views share it). The blur kernel is an odd ~10% of image_size (23 at 224 px as in the
-    papers, scaled down for smaller images as torchvision users do). Without a host sync: a batch's
-    parameters are drawn on the CPU and sent in one copy; a sample that skips an op takes a
-    parameter that leaves it unchanged (blur kernel [1], solarize threshold inf) or torch.where
-    keeps its input. On the CPU the views are bit for bit those of each op on its own samples."""
+    """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View) says;
+    the eval transform is the whole image resized and normalised. The blur kernel is an odd ~10% of
+    image_size (23 at 224 px as in the papers). A sample that skips an op takes a parameter that
+    leaves it unchanged or torch.where keeps its input: bit for bit each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -740,14 +670,12 @@ class Augmentation:
         self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None):
-        """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
-        -> two float32 (B, 3, size, size) views on x's device. extra: a function drawing more CPU
-        tensors (e.g. PICI's masking noise) after the views' parameters; they come in the same copy,
-        as a third item."""
+        """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views. extra:
+        a function drawing more CPU tensors (PICI's masking noise), sent in the same copy, a third item."""
         return self._views(x, generator, self.recipe, sizes, extra)
 
     def view(self, x, g, v, sizes=None):
-        """One View of the batch; a view with nothing random is the eval transform and draws nothing from g."""
+        """One View of the batch; one with nothing random is the eval transform and draws nothing."""
         return self._views(x, g, (v,), sizes)[0]
 
     def _views(self, x, g, views, sizes, extra=None):
@@ -760,13 +688,11 @@ class Augmentation:
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def _params(self, v, n, s, g, sizes):
-        """One View's parameters for n images stored at s x s (CPU): the tensors _apply reads, in its
-        order, and the jitter's slices (host numbers)."""
+        """One View's parameters (CPU): the tensors _apply reads, in its order, and the jitter's slices."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
-        # original's width x height, as RandomResizedCrop on the full image, then cut from the same
-        # part of the stored square. The flip comes with the crop: it commutes with the colour ops,
-        # the symmetric blur and solarize, so BYOL's flip-last order gives the same images
+        # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
+        # with the colour ops, blur and solarize, so BYOL's flip-last order gives the same images
         p, host = [stored_boxes(q["boxes"], sizes, s), q["flip"]], None
         if v.p_jitter > 0:
             jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
@@ -781,18 +707,16 @@ class Augmentation:
         return p, host
 
     def _apply(self, x, v, p, host):
-        """One View on x's device from _params' tensors and host numbers."""
         p = iter(p)
         x = resized_crop(x, next(p), self.size, next(p))
-        per_sample = lambda t: t.view(-1, 1, 1, 1)
         if v.p_jitter > 0:
             x = _jitter(x, [next(p) for _ in range(6)], host)
         if v.p_grey > 0:
-            x = torch.where(per_sample(next(p)), rgb_to_grey(x), x)
+            x = torch.where(next(p).view(-1, 1, 1, 1), rgb_to_grey(x), x)
         if v.p_blur > 0:
             x = blur(x, next(p))
         if v.p_solarize > 0:
-            x = solarize(x, per_sample(next(p)))
+            x = solarize(x, next(p).view(-1, 1, 1, 1))
         return normalize(x, *v.norm) if v.norm else x
 
     def eval(self, x):
