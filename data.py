@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# number of classes per dataset, as the papers use them; a folder path is also accepted
+# classes per dataset, as the papers use them
 DATASETS = {
     "digits": 10, "cifar10": 10, "cifar100": 20, "stl10": 10, "imagenet10": 10, "imagenet-dogs": 15,
     "tiny-imagenet": 200, "rsod": 4, "ucmerced": 21, "siri-whu": 12, "aid": 30, "d0": 40, "dtd": 47,
@@ -36,7 +36,7 @@ IMAGENET_WNIDS = {
     "imagenet-dogs": "n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
                      "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
 }
-# CIFAR-100's 20 super-classes and their 5 classes each; the coarse ids in alphabetical order (its meta file)
+# CIFAR-100's 20 super-classes (coarse ids in alphabetical order, as its meta file) and their classes
 CIFAR100_SUPERCLASSES = {
     "aquatic_mammals": "beaver dolphin otter seal whale",
     "fish": "aquarium_fish flatfish ray shark trout",
@@ -62,7 +62,7 @@ CIFAR100_SUPERCLASSES = {
 # fine label id (names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
-# the named datasets torchvision reads: its class, its folder in --data-root, the download
+# torchvision's class, its folder in --data-root, the download
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
                "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
                "stl10": ("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")}
@@ -82,10 +82,10 @@ class DataError(ValueError):
 class ImageSet:
     images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, squashed to S x S
     sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame crops are drawn in
-    labels: torch.Tensor | None  # (N,) int64, None for unlabelled data
+    labels: torch.Tensor | None  # (N,) int64 or None
     files: list  # N file paths in the folder, or "cifar10/train/123"-style ids
-    classes: list  # class names ([] for unlabelled data)
-    num_classes: int  # K: --num-clusters when given, else len(classes)
+    classes: list
+    num_classes: int  # K: --num-clusters, else len(classes)
     name: str
     unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss)
 
@@ -155,7 +155,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     where, files, labels, classes = source
     labels = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
     keep = balanced_subset(labels, max_images, seed, total=len(files)) if max_images else None
-    _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)  # before decoding
+    _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)
     if isinstance(where, str):
         images, sizes, labels, files = _stored(where, files, labels, keep, size, max_images, seed, workers,
                                                cache_dir or os.path.join(root, ".cache"), title)
@@ -231,7 +231,7 @@ def _torchvision(name, root, split):
             raise DataError(f"{cls.__name__} is not in {os.path.join(root, folder)} and could not be downloaded "
                             f"({type(e).__name__}: {e}); download {url} and extract it into {root}/ (or pass "
                             f"--data-root)") from e
-    x = torch.from_numpy(d.data)  # STL-10 (N, 3, 96, 96); CIFAR (N, 32, 32, 3)
+    x = torch.from_numpy(d.data)
     if name == "stl10":
         return x, [int(y) for y in d.labels], d.classes
     return x.permute(0, 3, 1, 2), list(d.targets), d.classes
@@ -274,7 +274,7 @@ def _folder(folder, num_clusters, only=None):
 
 def _chaoyang(folder):
     """Chaoyang as published: {train,test}/*.jpg, labels in {train,test}.json; both splits pooled."""
-    listing, labels, missing = [], [], []
+    pairs = []
     for split in ("train", "test"):
         path = os.path.join(folder, f"{split}.json")
         if not os.path.isfile(path):
@@ -289,17 +289,14 @@ def _chaoyang(folder):
         for file, label in entries:
             if not 0 <= label < len(CHAOYANG_CLASSES):
                 raise DataError(f"{path}: label {label} of {file} is not one of Chaoyang's 0-3; download it again")
-            try:
-                st = os.stat(os.path.join(folder, file))
-            except OSError:
-                missing.append(file)
-                continue
-            listing.append((os.path.normpath(file), st.st_size, st.st_mtime_ns))
-            labels.append(label)
+        pairs += entries
+    missing = [f for f, _ in pairs if not os.path.exists(os.path.join(folder, f))]
     if missing:
         raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
-    return folder, listing, labels, CHAOYANG_CLASSES
+    stats = [os.stat(os.path.join(folder, f)) for f, _ in pairs]
+    listing = [(os.path.normpath(f), st.st_size, st.st_mtime_ns) for (f, _), st in zip(pairs, stats)]
+    return folder, listing, [y for _, y in pairs], CHAOYANG_CLASSES
 
 
 def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cache_dir, name):
@@ -322,7 +319,7 @@ def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cach
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
-        size = min(size, max((max(s) for s in sizes if s), default=size))  # never above the native size
+        size = min(size, max((max(s) for s in sizes if s), default=size))
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
@@ -449,45 +446,56 @@ def _pack(tensors, pin=False):
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.numel() * t.element_size() for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
-    buf = torch.empty(starts[-1] + sizes[-1] if tensors else 0, dtype=torch.uint8, pin_memory=pin)
+    buf = torch.empty(starts[-1] + sizes[-1], dtype=torch.uint8, pin_memory=pin)
     for t, start, n in zip(tensors, starts, sizes):
         buf[start:start + n] = t.reshape(-1).view(torch.uint8)
     return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
-def resized_crop(x, boxes, size, flip=None):
-    """Boxes (B, 4) = (top, left, height, width) of square images, each resized to size x size as
-    torchvision's resized_crop(..., antialias=True) (PIL's filter: a triangle widened when shrinking,
-    renormalised at the edges), as matrices on rows and columns; mirrored where flip (B,) is True.
-    A fractional box takes the pixels whose centres lie in it, at least one."""
-    boxes = boxes.to(x.device, torch.float32)
-    offset, length, n_in = boxes[:, :2], boxes[:, 2:], x.shape[-1]  # (B, 2): rows, columns
+def _crop_grid(boxes, n_in, size, flip=None):
+    """Boxes (B, 4) = (top, left, height, width) as the small parts of their weights (_crop_weights),
+    made where boxes live (the CPU for a batch); mirrored where flip (B,): columns in reverse order."""
+    offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
     scale = length / size
-    support = scale.clamp(min=1.0)
-    center = scale[..., None] * (torch.arange(size, device=x.device) + 0.5)  # crop coordinates
-    c = torch.arange(n_in, device=x.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
-    inside = (c >= 0) & (c < length[..., None])
+    center = scale[..., None] * (torch.arange(size, device=boxes.device) + 0.5)  # crop coordinates
+    if flip is not None:
+        center[:, 1] = torch.where(flip[:, None], center[:, 1].flip(-1), center[:, 1])
+    c = torch.arange(n_in, device=boxes.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
+    return c, center, scale.clamp(min=1.0), (c >= 0) & (c < length[..., None])
+
+
+def _crop_weights(c, center, support, inside):
+    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True), PIL's
+    triangle widened when shrinking; a fractional box takes the pixels whose centres lie in it."""
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
-    ry, rx = (w / w.sum(-1, keepdim=True)).unbind(1)  # (B, size, S) each
-    if flip is not None:  # the output columns in reverse order
-        rx = torch.where(flip.to(x.device)[:, None, None], rx.flip(-2), rx)
+    return w / w.sum(-1, keepdim=True)
+
+
+def _resample(x, w):
+    """x resampled by _crop_weights w; uint8 gives floats in [0, 1]."""
+    ry, rx = w[:, 0], w[:, 1]
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
     return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
 
 
+@functools.lru_cache(maxsize=None)
+def _whole(stored, size, device):
+    return _crop_weights(*_crop_grid(_vector((0.0, 0.0, stored, stored), device)[None], stored, size))
+
+
 def resize(x, size):
     """The whole image resized: the eval transform, and PICI's weak view that "merely resizes and
     normalizes" (PICI paper, Sec. 4.1)."""
-    return resized_crop(x, _vector((0.0, 0.0, x.shape[-1], x.shape[-1]), x.device)[None], size)
+    return _resample(x, _whole(x.shape[-1], size, x.device))
 
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
 def rgb_to_grey(x):
-    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
+    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])
 
 
 def adjust_hue(x, f):
@@ -499,8 +507,8 @@ def adjust_hue(x, f):
     diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
     h = diff / (c + (c == 0)) + (2 * top + 6 * f.view(-1, 1, 1))  # grey pixels: 0 / 1
     h = torch.remainder(h, 6)[:, None]  # in [0, 6)
-    ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
-                          _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
+    k = _vector((-1.0, 2.0, 2.0, 3.0, 2.0, 4.0, 1.0, -1.0, -1.0), x.device).view(3, 3, 1, 1)
+    ramps = torch.addcmul(k[0], (h - k[1]).abs_(), k[2]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
     return torch.addcmul(lo[:, None], ramps, c[:, None])
 
 
@@ -515,8 +523,7 @@ def _jitter_stages(factors, order, apply):
     """ColorJitter's ops of each sample in its own order, laid out on the CPU. The costly hue is one
     stage for all; the linear ops before it go to stages 0-2 (left-aligned), those after it to 3-5.
     With the jittered samples first, sorted by the hue's place p, each stage is one slice: stage
-    k < 3 takes p > k (op order[k]), stage 3 + k takes p <= k (order[k + 1]). Returns the tensors
-    (order, inverse; per stage (B, 6) factor, brightness, saturation; hue factor) and host slices."""
+    k < 3 takes p > k (op order[k]), stage 3 + k takes p <= k (order[k + 1])."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -590,18 +597,18 @@ def _uniform(shape, lo, hi, g):
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
     (n,) tensors): torchvision's 10 tries, then its fallback."""
-    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]  # (n, 1)
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]
     width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
     area = height * width * _uniform((n, 10), *scale, g)
     aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # first try that fits
+    first = fits.int().argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     height, width = height[:, 0], width[:, 0]
-    fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # fallback: too wide
-    fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)  # too tall
+    fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # the fallback
+    fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)
     found = fits.any(1)
     u = torch.rand(n, 2, generator=g).double()
     top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
@@ -612,7 +619,7 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
 
 def stored_boxes(boxes, sizes, stored):
     """Boxes (n, 4) of originals of sizes (n, 2) as float boxes of the images stored at stored px."""
-    f = stored / sizes.to(torch.float32)  # (n, 2) stored pixels per original pixel
+    f = stored / sizes.to(torch.float32)
     length = (boxes[:, 2:] * f).clamp(min=1.0)
     start = torch.minimum(boxes[:, :2] * f, stored - length)
     return torch.cat([start, length], 1)
@@ -658,8 +665,7 @@ def sample_view(n, height, width, g, view):
 class Augmentation:
     """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View) says;
     the eval transform is the whole image resized and normalised. The blur kernel is an odd ~10% of
-    image_size (23 at 224 px as in the papers). A sample that skips an op takes a parameter that
-    leaves it unchanged or torch.where keeps its input: bit for bit each op on its own samples."""
+    image_size (23 at 224 px as in the papers). On the CPU: bit for bit each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -693,7 +699,7 @@ class Augmentation:
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
         # with the colour ops, blur and solarize, so BYOL's flip-last order gives the same images
-        p, host = [stored_boxes(q["boxes"], sizes, s), q["flip"]], None
+        p, host = [*_crop_grid(stored_boxes(q["boxes"], sizes, s), s, self.size, q["flip"])], None
         if v.p_jitter > 0:
             jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
             p += jitter
@@ -708,7 +714,7 @@ class Augmentation:
 
     def _apply(self, x, v, p, host):
         p = iter(p)
-        x = resized_crop(x, next(p), self.size, next(p))
+        x = _resample(x, _crop_weights(*(next(p) for _ in range(4))))
         if v.p_jitter > 0:
             x = _jitter(x, [next(p) for _ in range(6)], host)
         if v.p_grey > 0:

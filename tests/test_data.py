@@ -44,6 +44,11 @@ def per_sample(fn, x, *params):
     return torch.stack([fn(x[i], *(p[i].item() for p in params)) for i in range(len(x))])
 
 
+def resized_crop(x, boxes, size, flip=None):
+    """Boxes of x resized to size x size (mirrored where flip), as the views crop: data's weights."""
+    return data._resample(x, data._crop_weights(*data._crop_grid(boxes.float(), x.shape[-1], size, flip)))
+
+
 def hflip(x, flip):
     """Reference: torchvision's horizontal_flip of the images where flip is True."""
     return torch.stack([TF.horizontal_flip(im) if f else im for im, f in zip(x, flip)])
@@ -64,15 +69,15 @@ def linear_op(kind):
 def test_resized_crop(x, size):
     boxes = torch.tensor([[0, 0, 48, 48], [5, 3, 30, 41], [10, 20, 7, 9], [0, 40, 48, 8], [47, 47, 1, 1],
                           [2, 0, 45, 36]])
-    out = data.resized_crop(x, boxes, size)
+    out = resized_crop(x, boxes, size)
     ref = torch.stack([TF.resized_crop(x[i], *boxes[i].tolist(), [size, size], antialias=True) for i in range(len(x))])
     assert out.shape == (6, 3, size, size)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     flip = torch.tensor([True, False, False, True, True, False])
-    torch.testing.assert_close(data.resized_crop(x, boxes, size, flip=flip), hflip(ref, flip), atol=1e-5, rtol=0)
+    torch.testing.assert_close(resized_crop(x, boxes, size, flip=flip), hflip(ref, flip), atol=1e-5, rtol=0)
     # a uint8 input gives the same result in [0, 1]
     x8 = (x * 255).round().to(torch.uint8)
-    torch.testing.assert_close(data.resized_crop(x8, boxes, size), data.resized_crop(x8.float() / 255, boxes, size),
+    torch.testing.assert_close(resized_crop(x8, boxes, size), resized_crop(x8.float() / 255, boxes, size),
                                atol=1e-5, rtol=0)
 
 
