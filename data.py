@@ -452,10 +452,15 @@ def _pack(tensors, pin=False):
     return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
-def _crop_grid(boxes, n_in, size, flip=None):
+def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
     """Boxes (B, 4) = (top, left, height, width) as the small parts of their weights (_crop_weights),
-    made where boxes live (the CPU for a batch); mirrored where flip (B,): columns in reverse order."""
+    made where boxes live (the CPU for a batch); mirrored where flip (B,): columns in reverse order.
+    With sizes (B, 2), boxes of originals that size, mapped into the stored n_in px squares."""
     offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
+    if sizes is not None:  # the same part, at least one stored pixel wide
+        f = n_in / sizes.to(torch.float32)
+        length = (length * f).clamp(min=1.0)
+        offset = torch.minimum(offset * f, n_in - length)
     scale = length / size
     center = scale[..., None] * (torch.arange(size, device=boxes.device) + 0.5)  # crop coordinates
     if flip is not None:
@@ -617,14 +622,6 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return torch.stack([top, left, h, w], 1).long()
 
 
-def stored_boxes(boxes, sizes, stored):
-    """Boxes (n, 4) of originals of sizes (n, 2) as float boxes of the images stored at stored px."""
-    f = stored / sizes.to(torch.float32)
-    length = (boxes[:, 2:] * f).clamp(min=1.0)
-    start = torch.minimum(boxes[:, :2] * f, stored - length)
-    return torch.cat([start, length], 1)
-
-
 @dataclass(frozen=True)
 class View:
     """One view's random transform (a method's recipe is two). In this order, each with its own
@@ -699,7 +696,7 @@ class Augmentation:
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
         # with the colour ops, blur and solarize, so BYOL's flip-last order gives the same images
-        p, host = [*_crop_grid(stored_boxes(q["boxes"], sizes, s), s, self.size, q["flip"])], None
+        p, host = [*_crop_grid(q["boxes"], s, self.size, q["flip"], sizes)], None
         if v.p_jitter > 0:
             jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
             p += jitter

@@ -123,7 +123,7 @@ def test_crop_matches_torchvision_crop_of_the_original(tmp_path, storage_size, m
     # the comparison is sharp: the mirror-image box (the same box read from the right) is far off
     mirrored = q["boxes"].clone()
     mirrored[:, 1] = width - q["boxes"][:, 1] - q["boxes"][:, 3]
-    grid = data._crop_grid(data.stored_boxes(mirrored, sizes, stored), stored, 32, q["flip"])
+    grid = data._crop_grid(mirrored, stored, 32, q["flip"], sizes)
     wrong = data._resample(x, data._crop_weights(*grid))
     assert (wrong - ref).abs().mean() > 10 * mean_tol
 
