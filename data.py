@@ -37,28 +37,27 @@ IMAGENET_WNIDS = {
                      "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
 }
 # CIFAR-100's 20 super-classes (coarse ids in alphabetical order, as its meta file) and their classes
-CIFAR100_SUPERCLASSES = {
-    "aquatic_mammals": "beaver dolphin otter seal whale",
-    "fish": "aquarium_fish flatfish ray shark trout",
-    "flowers": "orchid poppy rose sunflower tulip",
-    "food_containers": "bottle bowl can cup plate",
-    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
-    "household_electrical_devices": "clock keyboard lamp telephone television",
-    "household_furniture": "bed chair couch table wardrobe",
-    "insects": "bee beetle butterfly caterpillar cockroach",
-    "large_carnivores": "bear leopard lion tiger wolf",
-    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
-    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
-    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
-    "medium_mammals": "fox porcupine possum raccoon skunk",
-    "non-insect_invertebrates": "crab lobster snail spider worm",
-    "people": "baby boy girl man woman",
-    "reptiles": "crocodile dinosaur lizard snake turtle",
-    "small_mammals": "hamster mouse rabbit shrew squirrel",
-    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
-    "vehicles_1": "bicycle bus motorcycle pickup_truck train",
-    "vehicles_2": "lawn_mower rocket streetcar tank tractor",
-}
+CIFAR100_SUPERCLASSES = dict(line.split(": ") for line in """\
+aquatic_mammals: beaver dolphin otter seal whale
+fish: aquarium_fish flatfish ray shark trout
+flowers: orchid poppy rose sunflower tulip
+food_containers: bottle bowl can cup plate
+fruit_and_vegetables: apple mushroom orange pear sweet_pepper
+household_electrical_devices: clock keyboard lamp telephone television
+household_furniture: bed chair couch table wardrobe
+insects: bee beetle butterfly caterpillar cockroach
+large_carnivores: bear leopard lion tiger wolf
+large_man-made_outdoor_things: bridge castle house road skyscraper
+large_natural_outdoor_scenes: cloud forest mountain plain sea
+large_omnivores_and_herbivores: camel cattle chimpanzee elephant kangaroo
+medium_mammals: fox porcupine possum raccoon skunk
+non-insect_invertebrates: crab lobster snail spider worm
+people: baby boy girl man woman
+reptiles: crocodile dinosaur lizard snake turtle
+small_mammals: hamster mouse rabbit shrew squirrel
+trees: maple_tree oak_tree palm_tree pine_tree willow_tree
+vehicles_1: bicycle bus motorcycle pickup_truck train
+vehicles_2: lawn_mower rocket streetcar tank tractor""".splitlines())
 # fine label id (names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
