@@ -372,10 +372,9 @@ def _decode(path, size):
 
 
 def to_rgb(im):
-    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's convert("RGB")
-    clips 16-bit greys to white and 0-1 floats to black): integer greys from 0-65535, float greys
-    from 0-1, or else by their own min-max (a float's scale is not in the file); transparency on
-    white, as a viewer shows it (hidden pixels' colours are not data); the rest by Pillow."""
+    """Any image as 8-bit RGB, each mode by its real range (Pillow's convert("RGB") clips 16-bit greys
+    to white and 0-1 floats to black): integer greys from 0-65535, float greys from 0-1, else their
+    own min-max; transparency on white, as a viewer shows it; the rest by Pillow."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.float64)
         lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
@@ -392,9 +391,8 @@ def to_rgb(im):
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
-    """(uint8 images, labels or None, int64 CPU indices) batches, shuffled by `generator` or in order.
-    Under torchrun each is this rank's share of one global batch, in rank 0's order. Images are
-    indexed where they live, then moved to `device` (from pinned memory, not blocking)."""
+    """(uint8 images, labels or None, int64 CPU indices) batches, shuffled by `generator` or in order;
+    under torchrun this rank's share of one global batch, in rank 0's order; moved to `device`."""
     n = len(images)
     if batch_size % world_size:
         raise DataError(f"batch size {batch_size} must divide by the number of processes {world_size}")
@@ -443,7 +441,7 @@ def to_device(tensors, device):
 def _pack(tensors, pin=False):
     """(a uint8 buffer of the tensors' bytes, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
-    sizes = [t.numel() * t.element_size() for t in tensors]
+    sizes = [t.nbytes for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
     buf = torch.empty(starts[-1] + sizes[-1], dtype=torch.uint8, pin_memory=pin)
     for t, start, n in zip(tensors, starts, sizes):
@@ -452,9 +450,8 @@ def _pack(tensors, pin=False):
 
 
 def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
-    """Boxes (B, 4) = (top, left, height, width) as the small parts of their weights (_crop_weights),
-    made where boxes live (the CPU for a batch); mirrored where flip (B,): columns in reverse order.
-    With sizes (B, 2), boxes of originals that size, mapped into the stored n_in px squares."""
+    """Boxes (B, 4) = (top, left, height, width) (of originals of sizes (B, 2) when given) as the small
+    parts of their _crop_weights, made on the CPU for a batch; flip (B,): mirrored, columns reversed."""
     offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
     if sizes is not None:  # the same part, at least one stored pixel wide
         f = n_in / sizes.to(torch.float32)
@@ -524,10 +521,9 @@ def _jitter_stage(x, f, bright, sat, out=None):
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out on the CPU. The costly hue is one
-    stage for all; the linear ops before it go to stages 0-2 (left-aligned), those after it to 3-5.
-    With the jittered samples first, sorted by the hue's place p, each stage is one slice: stage
-    k < 3 takes p > k (op order[k]), stage 3 + k takes p <= k (order[k + 1])."""
+    """ColorJitter's ops of each sample in its own order, laid out on the CPU: the costly hue one stage
+    for all, the ops before it stages 0-2, those after it 3-5. With the jittered samples first, by
+    the hue's place p, each stage is a slice: k < 3 takes p > k (order[k]), 3 + k p <= k (order[k + 1])."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -623,10 +619,9 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
 
 @dataclass(frozen=True)
 class View:
-    """One view's random transform (a method's recipe is two). In this order, each with its own
-    probability per sample: crop (RandomResizedCrop's scale; None: the whole image), flip,
-    ColorJitter (strengths; its ops in random order), grayscale, Gaussian blur, solarize (threshold
-    0.5), then normalise with norm = (mean, std) unless None."""
+    """One view's random transform (a recipe is two). In this order, each with its own probability
+    per sample: crop (RandomResizedCrop's scale; None: the whole image), flip, ColorJitter (in random
+    order), grayscale, Gaussian blur, solarize (at 0.5), then normalise by norm = (mean, std)."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
