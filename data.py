@@ -378,8 +378,8 @@ def to_rgb(im):
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.float64)
         lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
-        if (x.min() < lo or x.max() > hi or not np.isfinite(x).all()):
-            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
+            x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
             lo, hi = float(x.min()), float(x.max())
         grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
@@ -418,10 +418,9 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         yield x, y, idx
 
 
-# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), one parameter per sample, each as
-# torchvision.transforms.v2.functional. No host sync: the parameters come in one copy (to_device),
-# constants are made on the device (_vector), and per-sample choices are torch.where, a parameter
-# that changes nothing, or a slice of the batch ordered on the CPU (the colour jitter).
+# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), each as torchvision's. No host sync:
+# the parameters come in one copy (to_device), constants are made on the device (_vector), and
+# per-sample choices are torch.where, a parameter that changes nothing, or a slice of the batch.
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
@@ -466,8 +465,8 @@ def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
 
 
 def _crop_weights(c, center, support, inside):
-    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True), PIL's
-    triangle widened when shrinking; a fractional box takes the pixels whose centres lie in it."""
+    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True); a
+    fractional box takes the pixels whose centres lie in it."""
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
     return w / w.sum(-1, keepdim=True)
@@ -572,8 +571,6 @@ def blur(x, k):
     """Each sample blurred with its kernel k (B, kernel_size), reflect padding, as torchvision's
     gaussian_blur: a banded matrix per sample on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
-    if size // 2 >= n:
-        raise ValueError(f"blur kernel {size} too large for {n} px images")
     m = torch.zeros(len(x), n, n, device=x.device)
     m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
     return m[:, None] @ x @ m.transpose(1, 2)[:, None]
@@ -667,8 +664,8 @@ class Augmentation:
         self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None):
-        """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views. extra:
-        a function drawing more CPU tensors (PICI's masking noise), sent in the same copy, a third item."""
+        """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views;
+        extra() draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
         return self._views(x, generator, self.recipe, sizes, extra)
 
     def view(self, x, g, v, sizes=None):
