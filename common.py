@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -38,6 +39,28 @@ try:
     import fcntl  # run-folder locks; POSIX only
 except ImportError:
     fcntl = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch range: the floor (requirements.txt's torch>=), checked at import, and the one shim for
+# an API newer than it. Every other torch call here exists, with its keywords, from the floor on.
+# ---------------------------------------------------------------------------------------------
+TORCH_FLOOR = (2, 4, 1)
+
+
+def check_torch(version=None):
+    """One error line, not an AttributeError mid-run, when the installed torch is older than the floor."""
+    version = version or torch.__version__
+    got = tuple(int(p) for p in re.findall(r"\d+", version)[:3])  # 2.4.1+cu121 -> (2, 4, 1)
+    floor = ".".join(map(str, TORCH_FLOOR))
+    check(got >= TORCH_FLOOR, f"torch {version} is installed, these scripts need torch>={floor}: "
+          "pip install -r requirements.txt (or a newer torch)")
+
+
+def all_gather_rows(out, x):
+    """Every process's x into out, rank by rank: all_gather_single from torch 2.13, before it the
+    same collective under its old name (which 2.13 on deprecates)."""
+    (getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor)(out, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +481,9 @@ def check(condition, message):
         fail(message)
 
 
+check_torch()  # at import: before any script uses an API newer than the floor
+
+
 # ---------------------------------------------------------------------------------------------
 # Device, precision, seeding, distributed training (speed issue: nanoGPT-style, CPU-safe)
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +604,10 @@ def prepare(model, env, channels_last=False, compile=False, find_unused=False):
         elif env.is_main:  # PyTorch's SyncBatchNorm is CUDA-only
             print("note: several CPU processes: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
         ids = [env.device.index] if env.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        # CPU: no buffer broadcast before each forward (torch 2.4's in-place one breaks the backward of a
+        # step's first view); rank 0's statistics, the checkpoint's, are the same either way.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                                  broadcast_buffers=env.device.type == "cuda")
     if compile:
         net = torch.compile(net)
     return model, net
@@ -602,7 +631,7 @@ class Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         out = x.new_empty((torch.distributed.get_world_size() * len(x), *x.shape[1:]))
-        torch.distributed.all_gather_single(out, x.contiguous())
+        all_gather_rows(out, x.contiguous())
         return out
 
     @staticmethod

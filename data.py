@@ -405,12 +405,15 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         torch.distributed.broadcast(shared, src=0)
         order = shared.cpu()
     device = torch.device(device) if device is not None else None
+    # the epoch's order where images and labels live, in one non-blocking copy (one per step would wait)
+    on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = {d: o[start:start + batch_size] for d, o in on.items()}
         if world_size > 1:
-            idx = torch.tensor_split(idx, world_size)[rank]
-        y = labels[idx.to(labels.device)] if labels is not None else None
-        x = images[idx.to(images.device)]
+            idx = {d: torch.tensor_split(i, world_size)[rank] for d, i in idx.items()}
+        y = labels[idx[labels.device]] if labels is not None else None
+        x = images[idx[images.device]]
+        idx = idx[torch.device("cpu")]
         if device is not None and x.device != device:
             if x.device.type == "cpu" and device.type == "cuda":  # only a CPU tensor can be pinned
                 x = x.pin_memory()
@@ -429,11 +432,11 @@ def _vector(values, device):
 
 
 def to_device(tensors, device):
-    """A list of CPU tensors on `device` after ONE copy of one (pinned) byte buffer, not blocking."""
+    """A list of CPU tensors on `device` after ONE copy of one pinned byte buffer, not blocking."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
-    buf, unpack = _pack(tensors, pin=device.type == "cuda")
+    buf, unpack = _pack(tensors, pin=True)
     return unpack(buf.to(device, non_blocking=True))
 
 

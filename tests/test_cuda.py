@@ -94,12 +94,16 @@ def test_a_cuda_checkpoint_resumes_and_evaluates_on_the_cpu(tmp_path, image_fold
     assert final(back)["epochs"] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(including_emulation=False),
+                    reason="bf16 needs a GPU with native bf16 (compute capability 8.0 on)")
 def test_fp16_resumes_a_bf16_checkpoint(tmp_path, image_folder):
     flags = ["--dataset", image_folder, "--backbone", "resnet18", "--eval-every", 0]
-    _, first = run("cc.py", *flags, "--epochs", 1, "--precision", "fp32", tmp_path=tmp_path, name="fp32")
+    _, first = run("cc.py", *flags, "--epochs", 1, "--precision", "bf16", tmp_path=tmp_path, name="bf16")
+    assert final(first)["precision"] == "bf16"
     _, second = run("cc.py", *flags, "--epochs", 2, "--precision", "fp16", "--resume", first / "checkpoint.pt", tmp_path=tmp_path,
                     name="fp16")
-    assert final(second)["precision"] == "fp16"
+    assert final(second)["precision"] == "fp16" and final(second)["epochs"] == 2
+    assert all(math.isfinite(r["loss"]) for r in map(json.loads, (second / "log.jsonl").read_text().splitlines()))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torchrun on 2 GPUs needs 2")
