@@ -13,6 +13,13 @@ Paper versus the authors' code (github.com/Yunfan-Li/Contrastive-Clustering), in
 - STL-10: the 100k unlabeled images train the instance head only, in a pass of their own before
   each epoch (paper, Sec. 4.1.1; the code's separate STL-10 training script).
 - Not reproduced: the code's ACC shifts cluster ids when cluster 0 is empty (a bug).
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here; `--recipe paper` (the same
+  augmentations) uses bf16 autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python cc.py --dataset cifar10 --epochs 1000
        python cc.py --dataset cifar10 --views aug-raw     (Table 3)      --heads instance   (Table 4)
@@ -57,16 +64,18 @@ class Args:
     data_root: str = arg("./data", "where named datasets live and decoded images are cached")
     cache_dir: str = arg(None, "where decoded images are cached (default: <data-root>/.cache); elsewhere when --data-root is read-only")
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
-    image_size: int = arg(224, "input size: CC paper, Sec. 4.2, every image resized to 224x224")
+    image_size: int = arg(224, "input size: CC paper, Sec. 4.1.2, every image resized to 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
-    epochs: int = arg(1000, "training epochs: CC paper, Sec. 4.2")
-    batch_size: int = arg(256, "global batch size: CC paper, Sec. 4.2")
-    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: CC paper, Sec. 4.2")
-    instance_temperature: float = arg(0.5, "tau_I of the instance loss: CC paper, Sec. 4.2")
-    cluster_temperature: float = arg(1.0, "tau_C of the cluster loss: CC paper, Sec. 4.2")
-    feature_dim: int = arg(128, "instance head output size: CC paper, Sec. 4.2")
-    backbone: str = arg("resnet34", "ResNet depth: CC paper uses ResNet34 (Sec. 4.2); Table 5 compares 18/34/50",
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
+    epochs: int = arg(1000, "training epochs: CC paper, Sec. 4.1.2")
+    batch_size: int = arg(256, "global batch size: CC paper, Sec. 4.1.2")
+    lr: float = arg(3e-4, "Adam learning rate, no weight decay or schedule: CC paper, Sec. 4.1.2")
+    instance_temperature: float = arg(0.5, "tau_I of the instance loss: CC paper, Sec. 4.1.2")
+    cluster_temperature: float = arg(1.0, "tau_C of the cluster loss: CC paper, Sec. 4.1.2")
+    feature_dim: int = arg(128, "instance head output size: CC paper, Sec. 4.1.2")
+    backbone: str = arg("resnet34", "ResNet depth: CC paper uses ResNet34 (Sec. 4.1.2); Table 5 compares 18/34/50",
                         choices=["resnet18", "resnet34", "resnet50"])
     stl10_unlabeled: bool = arg(True, "STL-10 only: also train the instance head on the 100k unlabeled images (CC paper, Sec. 4.1)")
     recipe: str = arg("paper", "augmentation recipe: paper (Sec. 3.1, 4.1.2) or authors; CC's public code is its paper, "
@@ -78,8 +87,9 @@ class Args:
                      "on the instance features, Sec. 4.4.2); cluster only", choices=["both", "instance", "cluster"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
-                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg(None, "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16 (default: auto, or fp32 under --recipe authors, the authors' precision); bf16 on a "
+                         "CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
@@ -109,7 +119,7 @@ class Network(nn.Module):
 
     def __init__(self, num_clusters, image_size=224, backbone="resnet34", feature_dim=128, heads="both"):
         super().__init__()
-        self.backbone = getattr(torchvision.models, backbone)(weights=None)  # random init (Sec. 4.2: from scratch)
+        self.backbone = getattr(torchvision.models, backbone)(weights=None)  # random init (Sec. 4.1.2: from scratch)
         width = self.backbone.fc.in_features  # 512 for ResNet18/34, 2048 for ResNet50
         self.backbone.fc = nn.Identity()
         self.instance_head = (nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, feature_dim))

@@ -513,6 +513,8 @@ class Env:
             # on a large dataset (NCCL's default is 10 minutes).
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
             atexit.register(torch.distributed.destroy_process_group)
+        if args.precision is None:  # the flag left out: the authors trained in fp32, so their recipe does (kept on --resume)
+            args.precision = "fp32" if getattr(args, "recipe", None) == "authors" else "auto"
         self.dtype = pick_precision(args.precision, self.device)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -644,6 +646,28 @@ class Gather(torch.autograd.Function):
 def adam(params, lr, env):
     """Adam with weight decay 0 and a constant rate, as all five papers train; the fused CUDA kernel where it exists."""
     return torch.optim.Adam(params, lr=lr, fused=env.device.type == "cuda")
+
+
+def host_memory():
+    """Bytes of host memory available now (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def store_memory(args, env, share=0.25):
+    """Bytes the uint8 dataset may take when --storage-size is not given (data.storage_side): half the
+    host's available memory (the other half for the model, evaluation, the decoding threads and the
+    cache file's pages), and under --data-on-device yes on a GPU also place_images' share of its free
+    memory (the rest for the model, activations and optimiser). Under auto a dataset too large for
+    the GPU stays on the host at its native size, as the authors' loaders keep it, and batches cross."""
+    host = host_memory()
+    limits = [host // 2] if host else []
+    if args.data_on_device == "yes" and getattr(env, "device", torch.device("cpu")).type == "cuda":
+        limits.append(int(share * torch.cuda.mem_get_info(env.device)[0]))
+    return min(limits, default=None)
 
 
 def place_images(images, choice, env, share=0.25):
@@ -1399,12 +1423,14 @@ def load_data(args, env, with_unlabeled=False):
     import data
 
     cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
+    memory = store_memory(args, env)  # measured by every process before rank 0 decodes, so all choose one S
 
     def load():
         return data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                  seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                  storage_size=args.storage_size, cache_dir=str(cache),
-                                 need=None if args.eval_only else args.batch_size)  # evaluation has no batch to fill
+                                 need=None if args.eval_only else args.batch_size,  # evaluation has no batch to fill
+                                 memory=memory)
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line

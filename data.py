@@ -96,17 +96,16 @@ class ImageSet:
 # load_dataset subsets, checks against the run's needs and stores.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None):
-    """A named dataset (DATASETS) or an image folder as an ImageSet. S: storage_size, by default
-    2 x image_size (a bound on memory; a smallest crop still spans 0.57 x image_size pixels), never
-    above the largest native side. need: --batch-size; fewer images or than K: refused early."""
+                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None, memory=None):
+    """A named dataset (DATASETS) or an image folder as an ImageSet at storage_side's S (by default
+    native: the papers crop the original). need: --batch-size; fewer images or than K: refused early."""
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
         raise DataError(f"--max-images must be at least 2, got {max_images}")
     if storage_size is not None and storage_size < 1:
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
-    size, name = storage_size or 2 * image_size, str(name_or_path)
+    side, name = (storage_size, memory), str(name_or_path)
     title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
     # a source: uint8 images (N, 3, s, s) or a folder; N ids or [(file, bytes, mtime_ns)]; labels; classes
     if name == "digits":
@@ -156,13 +155,13 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     keep = balanced_subset(labels, max_images, seed, total=len(files)) if max_images else None
     _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)
     if isinstance(where, str):
-        images, sizes, labels, files = _stored(where, files, labels, keep, size, max_images, seed, workers,
+        images, sizes, labels, files = _stored(where, files, labels, keep, side, max_images, seed, workers,
                                                cache_dir or os.path.join(root, ".cache"), title)
     else:
         if keep is not None:
             where, labels, files = where[keep], labels[keep], [files[i] for i in keep]
         sizes = torch.tensor(where.shape[-2:]).repeat(len(where), 1)
-        images = _resize_uint8(where, min(size, where.shape[-1])).contiguous()
+        images = _resize_uint8(where, storage_side(len(where), where.shape[-1], *side)).contiguous()
     ds = ImageSet(images, sizes, labels, files, classes, num_clusters or len(classes), title)
     _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # again: unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
@@ -172,11 +171,23 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         h, w = ds.sizes[small.nonzero()[0, 0]].tolist()
         warnings.warn(f"{ds.name}: {int(small.sum())} of {len(ds)} images are smaller than the training size "
                       f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
+    native, stored = int(ds.sizes.max()), ds.images.shape[-1]
+    if stored < native and not storage_size:
+        warnings.warn(f"{ds.name}: {len(ds)} images at their native {native} px would take {len(ds) * 3 * native ** 2 / 1e9:.1f} "
+                      f"GB, more than the {memory / 1e9:.1f} GB the store may use: stored at {stored} px (--storage-size S sets the side)")
     if with_unlabeled and name == "stl10":  # STL-10's 100k unlabelled images, for CC's instance loss
         u = _torchvision(name, root, "unlabeled")[0]
         u = u[balanced_subset(None, max_images, seed, total=len(u))] if max_images else u
         ds.unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
     return ds
+
+
+def storage_side(n, native, given=None, memory=None, cached=None):
+    """The stored side of n images: `given` (--storage-size), else their largest native side, or when
+    n x 3 x S^2 bytes exceed `memory` the largest S that fits (a cache's kept till native fits)."""
+    if given or memory is None or n * 3 * native ** 2 <= memory:
+        return min(given or native, native)
+    return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
 
 
 def _check_count(n, need, num_clusters, classes, name):
@@ -298,18 +309,21 @@ def _chaoyang(folder):
     return folder, listing, [y for _, y in pairs], CHAOYANG_CLASSES
 
 
-def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cache_dir, name):
-    """(images, sizes, labels, files) of the listed files (`keep` of them) at S = min(size, the
-    largest native side), decoded or from the cache (keyed by all that shapes them)."""
-    key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, size]
-    cache = os.path.join(cache_dir, f"{name}-{size}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
+def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cache_dir, name):
+    """(images, sizes, labels, files) of the listed files (`keep` of them) at storage_side(*side),
+    decoded or from the cache (keyed by all that shapes them)."""
+    key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, side[0]]
+    cache = os.path.join(cache_dir, f"{name}-{side[0] or 'native'}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
         try:  # memory-mapped: starts at once, and the processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
+            n, native, stored = len(c["files"]), int(c["sizes"].max()), c["images"].shape[-1]
+            if stored != storage_side(n, native, *side, cached=stored):  # the memory rule moved S
+                raise OSError(f"stored at {stored} px, and {storage_side(n, native, *side)} px fits the memory now")
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
             return c["images"], c["sizes"], c["labels"], c["files"]
         except (OSError, RuntimeError, KeyError, EOFError) as e:
-            warnings.warn(f"rebuilding the unreadable cache {cache} ({e})")
+            warnings.warn(f"rebuilding the cache {cache} ({e})")
     if keep is not None:
         listing, labels = [listing[i] for i in keep], labels[keep] if labels is not None else None
     files = [r[0] for r in listing]
@@ -318,7 +332,7 @@ def _stored(folder, listing, labels, keep, size, max_images, seed, workers, cach
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
-        size = min(size, max((max(s) for s in sizes if s), default=size))
+        size = storage_side(sum(s is not None for s in sizes), max((max(s) for s in sizes if s), default=1), *side)
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
@@ -405,7 +419,7 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         torch.distributed.broadcast(shared, src=0)
         order = shared.cpu()
     device = torch.device(device) if device is not None else None
-    # the epoch's order where images and labels live, in one non-blocking copy (one per step would wait)
+    # the epoch's order where images and labels live, in one non-blocking copy, not one per step
     on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
         idx = {d: o[start:start + batch_size] for d, o in on.items()}
@@ -650,7 +664,7 @@ def sample_view(n, height, width, g, view):
     return dict(boxes=sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole(),
                 flip=coin(view.flip), jitter=coin(view.p_jitter), factors=lo + (hi - lo) * torch.rand(n, 4, generator=g),
                 order=torch.argsort(torch.rand(n, 4, generator=g), dim=1), gray=coin(view.p_grey), blur=coin(view.p_blur),
-                sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))  # drawn in this order
+                sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))
 
 
 class Augmentation:
@@ -717,6 +731,5 @@ class Augmentation:
         return normalize(x, *v.norm) if v.norm else x
 
     def eval(self, x):
-        """Deterministic: the whole image resized to image_size, plus the recipe's normalisation."""
         x = resize(x, self.size)
         return normalize(x, *self.norm) if self.norm else x

@@ -17,6 +17,13 @@ is read from the paper. Where it is silent or ambiguous:
 - STL-10: the unlabeled 100k images train Fproj (FLC) in a pass of their own, as CC does; the paper
   does not say so, but its 120 GPU-hours for STL-10 against 55 for CIFAR-10 imply them.
 - CR's printed sign (Eq. 3.6) would minimise the entropy; this script maximises it (see cr_loss).
+- Images (both recipes): CC's code (the recipe taken) crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the paper does not say; `--recipe authors` trains in fp32, as CC's code whose recipe
+  it takes, and `--recipe paper` in bf16 autocast on a GPU for speed (`--precision fp32` to match).
 
 Usage: python dcsc.py --dataset cifar10 --epochs 1000
        python dcsc.py --dataset cifar10 --ablate slc      (Table 2: k-means on Fproj's features)
@@ -63,7 +70,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size: DCSC paper, Sec. 4.2, every image resized to 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: DCSC paper, Sec. 4.2")
     batch_size: int = arg(256, "global batch size: DCSC paper, Sec. 4.2")
     lr: float = arg(3e-4, "Adam learning rate: DCSC paper, Sec. 4.2; no weight decay or schedule (the paper names none; CC's setting)")
@@ -87,8 +96,9 @@ class Args:
                       "give the same views", choices=["paper", "authors"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
-                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg(None, "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16 (default: auto, or fp32 under --recipe authors, the authors' precision); bf16 on a "
+                         "CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "

@@ -22,7 +22,16 @@ code that produced the published numbers; the parts (RECIPES below lists them as
   the features of unmasked inputs, k-means with 10 inits (the paper gives no number). Authors: once,
   at the first boosting epoch; the features of the two training views with half of the patches
   masked, min-max scaled within each loader batch; k-means with 100 inits; the pseudo-labels
-  renamed to the head's argmax batch by batch in every step.
+  renamed to the head's argmax batch by batch in every step, with the code's tie rule (a D x D
+  count matrix, D = the largest label present + 1, minimising max - count; the paper's K x K
+  maximisation finds the same total agreement but may break ties otherwise).
+- Boosting order: paper, reshuffled every epoch as in the other stages (Algorithm 1 says no
+  more), every image pseudo-labelled.
+  Authors: one random order drawn once, batches of --batch-size (96) with the last partial batch
+  dropped, the same batches every boosting epoch; k-means labels only the images that order
+  batches, so the last N mod 96 (16 on RSOD, AID and Chaoyang, 84 on UC Merced) are neither
+  clustered nor trained on while boosting. Their order comes from the seed (theirs from torch's
+  global generator).
 - CLI loss: paper, cross-entropy of the softmax probabilities (Eq. 15); authors, torch's
   CrossEntropyLoss on those probabilities, so a second softmax.
 - Initialisation (both recipes; the paper is silent): MAE's, as the code. Linear layers Xavier
@@ -34,10 +43,16 @@ code that produced the published numbers; the parts (RECIPES below lists them as
   published numbers may be the best of the 50 boosting epochs, chosen with the labels. Here every
   boosting epoch's NMI / ACC / ARI is in log.jsonl (the spread that selection picked from), and
   final.json reports the last epoch.
-- Also not copied: the code's boosting loader keeps one fixed order (the same batches every epoch,
-  the last partial batch never seen). The code blurs with PIL's radius = sigma, here a kernel of
-  ~10% of the image (23 at 224 px). The checkpoint keeps the pseudo-labels, so a run resumed
-  during boosting under `--recipe authors` goes on with those it computed.
+- Also not copied: the code blurs with PIL's radius = sigma, here a kernel of ~10% of the image
+  (23 at 224 px). The checkpoint keeps the pseudo-labels, so a run resumed during boosting under
+  `--recipe authors` goes on with those it computed.
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here; `--recipe paper` uses bf16
+  autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python pici.py --dataset ucmerced --epochs 1050
        python pici.py --dataset ucmerced --recipe authors     (as the authors' training script: see above)
@@ -73,17 +88,21 @@ STAGES = {"pretrain": ("pisd",), "train": ("pisd", "instance", "cluster"), "boos
 #   masked         ... from the instance features of masked inputs (their forward always masks, 50 %)
 #   minmax         ... min-max scaled per feature within each batch of the loader (sklearn's MinMaxScaler)
 #   kmeans_inits   ... k-means with 100 initialisations (sklearn, on the scaled features, not normalised)
-#   match          renamed to the cluster head's argmax batch by batch, not over the dataset (Eq. 14)
+#   match          renamed to the cluster head's argmax batch by batch, not over the dataset (Eq. 14), with
+#                  their tie rule (a D x D count matrix, D = the largest label present + 1, max - count minimised)
 #   softmax_twice  cross-entropy taken on the softmax probabilities, so a second softmax (Eq. 15: one)
+#   boost_order    boosting keeps one random order drawn once (the same batches every epoch, the last
+#                  N mod batch images never seen), and k-means covers only the images that order batches
 # ---------------------------------------------------------------------------------------------
 WEAK = data.View(norm=data.IMAGENET)  # nothing random: the whole image resized, as at evaluation
 STRONG = data.View(crop=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_grey=0.2, p_blur=1.0,
                    sigma=(0.1, 2.0), p_solarize=0.0, norm=data.IMAGENET)
 RECIPES = {
     "paper": {"views": (WEAK, STRONG), "positions": "learnable", "relabel": "every epoch", "masked": False,
-              "minmax": False, "kmeans_inits": 10, "match": "dataset", "softmax_twice": False},
+              "minmax": False, "kmeans_inits": 10, "match": "dataset", "softmax_twice": False, "boost_order": "reshuffled"},
     "authors": {"views": (STRONG, dataclasses.replace(STRONG, p_solarize=0.2)), "positions": "fixed", "relabel": "once",
-                "masked": True, "minmax": True, "kmeans_inits": 100, "match": "batch", "softmax_twice": True},
+                "masked": True, "minmax": True, "kmeans_inits": 100, "match": "batch", "softmax_twice": True,
+                "boost_order": "fixed"},
 }
 
 
@@ -100,7 +119,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): PICI paper, Sec. 4.1, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(None, "total epochs: PICI paper, Sec. 4.1, 200 + 800 + 50 = 1050, split 200:800:50 between the "
                       "stages; with explicit stage lengths their sum, and a smaller --epochs stops the run early", type=int)
     pretrain_epochs: int = arg(None, "stage 1, L_PISD only (Algorithm 1, lines 1-7; paper 200); give all three stage lengths or none", type=int)
@@ -125,15 +146,16 @@ class Args:
                       "pseudo-labels every boosting epoch (Eq. 12-15); authors = the authors' training script, which "
                       "produced the published numbers: two strong BYOL views, fixed sin-cos positions, pseudo-labels once "
                       "from masked, min-max-scaled features, k-means 100 inits, matched per batch, a second softmax in "
-                      "the cross-entropy (see the docstring); evaluation is the paper's in both", choices=list(RECIPES))
+                      "the cross-entropy, boosting in one fixed order, fp32 (see the docstring); evaluation is the paper's in both", choices=list(RECIPES))
     cli_targets: str = arg("per-view", "CLI pseudo-labels: per-view = for each view, k-means on its instance features over "
                            "the whole dataset (a random view: one draw) matched to its own cluster assignments, Eq. (12)-(15) "
                            "(the authors' code too); weak = the whole image's targets for both views (ours, not in the paper)",
                            choices=["per-view", "weak"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation, masking, k-means)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
-                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg(None, "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16 (default: auto, or fp32 under --recipe authors, the authors' precision); bf16 on a "
+                         "CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "
@@ -288,17 +310,19 @@ def cli_features(model, images, sizes, view, env, generator, mask_ratio=0.0, ord
 
 
 def cli_targets(model, images, sizes, aug, env, num_clusters, seed, generator, per_view=True, settings=RECIPES["paper"],
-                mask_ratio=0.5, batch_size=96):
-    """CLI's pseudo-labels (PICI paper, Sec. 3.3, Eq. 12-14) over the whole dataset: for each view k,
+                mask_ratio=0.5, batch_size=96, order=None):
+    """CLI's pseudo-labels (PICI paper, Sec. 3.3, Eq. 12-14) over the dataset: for each view k,
     k-means on the instance features of every image under that view (the weak view as it is, a random
     view as one draw from `generator`), renamed to match view k's cluster-head argmax. per_view=False:
     the weak view's (the whole image's) targets for both. `settings` (a recipe): the paper's, or the
-    authors' code's: features of masked inputs, taken batch by batch in one random order and min-max
-    scaled per batch, k-means with 100 inits on them, the renaming left to each training step.
-    Returns the targets (2, N) and the share of images whose (renamed) target is their head's argmax."""
+    authors' code's: features of masked inputs, taken batch by batch in `order` (their boosting
+    loader's: the images it batches, in its fixed order) and min-max scaled per batch, k-means with
+    100 inits on them, the renaming left to each training step. order: the images labelled (default
+    all, in dataset order). Returns the targets (2, N), -1 for the images outside `order`, and the
+    share of labelled images whose (renamed) target is their head's argmax."""
     views = [lambda x, s, v=v: aug.view(x, generator, v, s) for v in aug.recipe] if per_view else [lambda x, s: aug.eval(x)]
     minmax = settings["minmax"]
-    order = torch.randperm(len(images), generator=generator) if minmax else None  # the authors' loader: one random order
+    order = torch.arange(len(images)) if order is None else order
     targets, agreement = [], []
     for view in views:
         z, p = cli_features(model, images, sizes, view, env, generator, mask_ratio if settings["masked"] else 0.0, order,
@@ -309,13 +333,24 @@ def cli_targets(model, images, sizes, aug, env, num_clusters, seed, generator, p
         agreement.append((match_labels(targets[-1], head, num_clusters) == head).float().mean().item())
     if not per_view:
         targets, agreement = targets * 2, agreement * 2
-    return torch.stack(targets), sum(agreement) / 2
+    out = torch.full((2, len(images)), -1, dtype=torch.long)
+    out[:, order.sort().values] = torch.stack(targets)  # cli_features returns the rows in dataset order
+    return out, sum(agreement) / 2
 
 
-def match_batch(targets, p, num_clusters):
-    """The authors' code's matching: pseudo-labels renamed to the cluster head's argmax within one
-    batch, at every step (the paper matches over the dataset, Eq. 14)."""
-    return match_labels(targets.cpu(), p.detach().argmax(dim=1).cpu(), num_clusters).to(targets.device)
+def match_batch(targets, p):
+    """The authors' code's matching (modules/cross_level_interaction.py): one batch's pseudo-labels
+    renamed to the cluster head's argmax in that batch, at every step (the paper matches over the
+    dataset, Eq. 14), with their tie rule: a D x D count matrix (D = the largest label present + 1),
+    rows the head's clusters, columns k-means', and the assignment that minimises max - count."""
+    pseudo, pred = targets.cpu(), p.detach().argmax(dim=1).cpu()
+    d = int(max(pseudo.max(), pred.max())) + 1
+    counts = torch.zeros(d, d, dtype=torch.long)
+    counts.index_put_((pred, pseudo), torch.ones_like(pred), accumulate=True)
+    rows, cols = linear_sum_assignment((counts.max() - counts).numpy())
+    rename = torch.empty(d, dtype=torch.long)
+    rename[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    return rename[pseudo].to(targets.device)
 
 
 def evaluate(model, images, aug, env, num_clusters, seed):
@@ -398,6 +433,11 @@ def main(argv=None):
 
     progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
+    # `--recipe authors` boosts in one random order drawn once (their boosting loader's sampler): a
+    # generator seeded alike each epoch gives data.batches the same order, and k-means labels the
+    # images it batches (the last N mod batch are never clustered or trained on while boosting)
+    fixed_order = lambda: torch.Generator().manual_seed(args.seed + 1_000_003)
+    boost_order = torch.randperm(len(images), generator=fixed_order())[:epoch_steps * args.batch_size]
     wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     targets = state.get("cli_targets") if state else None  # CLI's pseudo-labels, (2, N): one row per view
     targets = targets.to(env.device) if targets is not None else None
@@ -411,12 +451,14 @@ def main(argv=None):
                 targets = torch.empty(2, len(ds.images), dtype=torch.long, device=env.device)  # per view
                 if env.is_main:
                     t, extra["cli_agreement"] = cli_targets(model, images, ds.sizes, aug, env, ds.num_classes, args.seed + epoch, gen,
-                                                            args.cli_targets == "per-view", settings, args.mask_ratio, args.batch_size)
+                                                            args.cli_targets == "per-view", settings, args.mask_ratio, args.batch_size,
+                                                            boost_order if settings["boost_order"] == "fixed" else None)
                     targets.copy_(t)
                 if env.distributed:
                     torch.distributed.broadcast(targets, src=0)
             totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
-            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
+            order = fixed_order() if stage == "boost" and settings["boost_order"] == "fixed" else gen
+            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=order, rank=env.rank, world_size=env.world_size,
                                     device=env.device), epoch, epoch_steps, totals):
                 # the two masks' noise, drawn after the views' parameters, and the batch's indices (CLI's
                 # targets) travel to the device in the views' one copy
@@ -438,7 +480,7 @@ def main(argv=None):
                 if "cli" in terms:
                     t_a, t_b = common.gather(*targets[:, idx], env=env)
                     if settings["match"] == "batch":  # the authors' code: renamed to this batch's argmax (reads the batch back)
-                        t_a, t_b = match_batch(t_a, p_a, ds.num_classes), match_batch(t_b, p_b, ds.num_classes)
+                        t_a, t_b = match_batch(t_a, p_a), match_batch(t_b, p_b)
                     losses.append(cli_loss(p_a, p_b, t_a, t_b, settings["softmax_twice"]))
                 losses = torch.stack(losses)
                 env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16

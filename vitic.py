@@ -21,6 +21,14 @@ Paper versus the author's code (github.com/RyanLow/vitic), in one place:
   layers Xavier, CLS token std 1e-6, the conv stem at torch's default; the heads at torch's default.
 - Adam without weight decay: the code (the paper gives the constant learning rate only).
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (13 at 128 px).
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here (its unnormalised features
+  can give logits in the hundreds, where bf16 rounding is coarse); `--recipe paper` uses bf16
+  autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python vitic.py --dataset cifar10 --epochs 1000
        python vitic.py --dataset cifar10 --recipe authors   (unnormalised instance features, as the code)
@@ -65,7 +73,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(128, "input size, a multiple of 16 (128 px: 8x8 tokens): ViT-IC paper, Sec. 4.1")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: ViT-IC paper, Sec. 4.1")
     batch_size: int = arg(256, "global batch size: ViT-IC paper, Sec. 4.1")
     lr: float = arg(1e-3, "Adam learning rate, constant: ViT-IC paper, Sec. 4.1 (no weight decay: the author's code)")
@@ -80,8 +90,9 @@ class Args:
                       choices=list(RECIPES))
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
-                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg(None, "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16 (default: auto, or fp32 under --recipe authors, the authors' precision); bf16 on a "
+                         "CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "

@@ -20,6 +20,13 @@ Paper versus the authors' code (github.com/JackKoLing/VTCC), in one place:
   layers Xavier, CLS token std 1e-6; the stem's convolutions at torch's default (the code has no
   patchify variant; Table V's patchify stem here keeps the same rule); the heads at torch's default.
 - The code blurs with PIL's radius = sigma, here a kernel of ~10% of the image (23 at 224 px).
+- Images (both recipes): the code crops each view from the original image; here it is stored
+  whole at its native size (squashed to S x S, the crop box drawn in the original's frame and
+  read from the same part of the store, so a crop matches torchvision's of the original to about
+  0.001 of the range on average; antialiased bilinear in torch, not PIL's). Only where the store
+  would not fit in memory is S lowered, with a line saying so (`--storage-size`).
+- Precision: the code trains in fp32, as `--recipe authors` does here; `--recipe paper` uses bf16
+  autocast on a GPU for speed (`--precision fp32` to match the code).
 
 Usage: python vtcc.py --dataset rsod --epochs 1000
        python vtcc.py --dataset rsod --recipe authors     (the authors' augmentations)
@@ -64,7 +71,9 @@ class Args:
     num_clusters: int = arg(None, "number of clusters K (default: the dataset's number of classes)", type=int)
     image_size: int = arg(224, "input size, a multiple of 16 (tokens = (size/16)^2): VTCC paper, Sec. III-A, 224x224")
     storage_size: int = arg(None, "side S of the cached images, each stored whole, squashed to S x S (None: the native "
-                            "size, at most 2x --image-size); memory: images x 3 x S^2 bytes", type=int)
+                            "size, as the papers crop from the original image, less only where images x 3 x S^2 bytes "
+                            "would not fit in half the host's free memory, or under --data-on-device yes a quarter of the "
+                            "GPU's: a line then says so)", type=int)
     epochs: int = arg(1000, "training epochs: VTCC paper, Sec. III-A")
     batch_size: int = arg(128, "global batch size: VTCC paper, Sec. III-A")
     lr: float = arg(3e-4, "Adam learning rate: VTCC paper, Sec. III-A (no weight decay or schedule: the authors' code)")
@@ -81,8 +90,9 @@ class Args:
                      "k-means on its features)", choices=["both", "instance", "cluster"])
     seed: int = arg(1, "random seed (model init, shuffling, augmentation)")
     device: str = arg("auto", "auto (the current CUDA device when present, LOCAL_RANK's under torchrun), cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
-                         "bf16 or fp16; bf16 on a CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
+    precision: str = arg(None, "auto (bf16 autocast on a GPU with native bf16, else fp16; fp32 on CPU), fp32 (TF32 off), "
+                         "bf16 or fp16 (default: auto, or fp32 under --recipe authors, the authors' precision); bf16 on a "
+                         "CPU without native bf16 (AVX512-BF16, AMX) is 10x or more slower than fp32",
                          choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the network")
     deterministic: bool = arg(False, "deterministic kernels, strict on CUDA: an op without one stops the run "

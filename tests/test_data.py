@@ -325,11 +325,11 @@ def test_default_size_subset(tmp_path):
 def test_tiff_and_small_images(tmp_path):
     folder = make_image_folder(tmp_path / "tif", classes=4, per_class=2, size=(96, 96), ext=".tif")
     ds = data.load_dataset(str(folder), root=str(tmp_path), image_size=40)
-    assert ds.images.shape == (8, 3, 80, 80) and ds.num_classes == 4 and ds.files[0].endswith(".tif")  # 2 x 40
+    assert ds.images.shape == (8, 3, 96, 96) and ds.num_classes == 4 and ds.files[0].endswith(".tif")  # native
     assert ds.sizes.tolist() == [[96, 96]] * 8
     folder = make_image_folder(tmp_path / "small", classes=4, per_class=5, size=(128, 128))
     ds = data.load_dataset(str(folder), root=str(tmp_path), image_size=224, max_images=12)
-    assert ds.images.shape == (12, 3, 128, 128)  # native 128 px, smaller than 2 x 224: kept
+    assert ds.images.shape == (12, 3, 128, 128)  # native 128 px
     assert ds.labels.bincount().tolist() == [3] * 4 and len(ds.classes) == 4
 
 
@@ -390,7 +390,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     again = data.load_dataset(str(folder), root=root, image_size=16)  # from the cache
     assert torch.equal(first.images, again.images) and first.files == again.files
     assert torch.equal(first.labels, again.labels) and again.classes == ["a", "b"]
-    assert torch.equal(first.sizes, again.sizes) and first.images.shape[-1] == 32
+    assert torch.equal(first.sizes, again.sizes) and first.images.shape[-1] == 64  # native
 
     def counting(path, size):
         calls.append(path)
@@ -406,14 +406,13 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     changed = data.load_dataset(str(folder), root=root, image_size=16)
     assert len(calls) == 9 and not torch.equal(changed.images[0], first.images[0])
     calls.clear()
-    ds = data.load_dataset(str(folder), root=root, image_size=48)  # another storage size: rebuild
-    assert len(calls) == 9 and ds.images.shape[-1] == 64  # 2 x 48, capped at the native 64
-    calls.clear()
-    data.load_dataset(str(folder), root=root, image_size=48)
-    assert calls == []
+    ds = data.load_dataset(str(folder), root=root, image_size=48)  # another training size: the same native store
+    assert calls == [] and ds.images.shape[-1] == 64
     assert data.load_dataset(str(folder), root=root, image_size=48, storage_size=40).images.shape[-1] == 40
     assert len(calls) == 9  # --storage-size: rebuild
     calls.clear()
+    data.load_dataset(str(folder), root=root, storage_size=40)
+    assert calls == []
     monkeypatch.setattr(data, "CACHE_VERSION", data.CACHE_VERSION + 1)  # a new cache format: rebuild
     data.load_dataset(str(folder), root=root, image_size=48)
     assert len(calls) == 9
@@ -504,7 +503,7 @@ def test_cifar100_loader(tmp_path, monkeypatch):
     assert ds.images.shape == (n, 3, 32, 32) and ds.num_classes == 20 and ds.classes[0] == "aquatic_mammals"
     assert ds.labels.tolist() == [data.CIFAR100_COARSE[y] for y in fine["train"] + fine["test"]]
     assert ds.files[0] == "cifar100/train/0" and ds.files[-1] == "cifar100/test/2"
-    small = data.load_dataset("cifar100", root=str(tmp_path), image_size=8)  # S = 2 x 8 < 32: shrunk
+    small = data.load_dataset("cifar100", root=str(tmp_path), image_size=8, storage_size=16)  # S < 32: shrunk
     assert small.images.shape == (n, 3, 16, 16) and small.sizes.tolist() == [[32, 32]] * n
 
 

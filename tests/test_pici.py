@@ -7,6 +7,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,9 +179,71 @@ def test_authors_matching_is_batch_by_batch():
     head = (pseudo + 1) % 3  # the head calls k-means' cluster c "c + 1"
     head[:20] = (pseudo[:20] + 2) % 3  # but in the first batch "c + 2"
     p = F.one_hot(head, 3).float()
-    assert torch.equal(pici.match_batch(pseudo[:20], p[:20], 3), head[:20])
-    assert torch.equal(pici.match_batch(pseudo[20:], p[20:], 3), head[20:])
+    assert torch.equal(pici.match_batch(pseudo[:20], p[:20]), head[:20])
+    assert torch.equal(pici.match_batch(pseudo[20:], p[20:]), head[20:])
     assert not torch.equal(pici.match_labels(pseudo, head, 3)[:20], head[:20])  # over the dataset: one renaming for all
+
+
+def authors_match(pseudo, pred):
+    """The authors' per-batch matching (modules/cross_level_interaction.py, match), step by step in
+    numpy: counts[head cluster, k-means cluster] over D x D (D = largest label present + 1), the
+    assignment minimising max - counts, then each pseudo-label replaced by the row assigned to it."""
+    from scipy.optimize import linear_sum_assignment
+    d = max(pred.max(), pseudo.max()) + 1
+    counts = np.zeros((d, d), dtype=np.int64)
+    for head, kmeans in zip(pred, pseudo):
+        counts[head, kmeans] += 1
+    rows, cols = linear_sum_assignment(counts.max() - counts)
+    renamed = np.zeros(len(pseudo), dtype=np.int64)
+    for i, label in enumerate(pseudo):
+        for j in rows:
+            if label == cols[j]:
+                renamed[i] = rows[j]
+    return renamed
+
+
+def test_authors_matching_breaks_ties_as_their_code():
+    """On random batches of 96 with many ties (K = 21 to 30, a few labels absent), match_batch renames
+    exactly as the authors' code; the K x K maximisation (match_labels) agrees as much but not always alike."""
+    rng, differ = np.random.default_rng(0), 0
+    for trial in range(150):
+        k = int(rng.integers(21, 31))
+        pseudo = rng.integers(0, k - trial % 3, 96)  # every third batch lacks the top labels: D < K
+        pred = rng.integers(0, k, 96) if trial % 2 else (pseudo + rng.integers(0, 2, 96)) % k  # independent, or mostly agreeing
+        ours = pici.match_batch(torch.from_numpy(pseudo), F.one_hot(torch.from_numpy(pred), k).float())
+        assert ours.tolist() == authors_match(pseudo, pred).tolist(), trial
+        kxk = pici.match_labels(torch.from_numpy(pseudo), torch.from_numpy(pred), k)
+        assert (kxk.numpy() == pred).sum() == (ours.numpy() == pred).sum()  # the same total agreement
+        differ += not torch.equal(kxk, ours)
+    assert differ > 0  # the tie rule is what this test tells apart
+
+
+def test_authors_boosting_keeps_one_order_and_drops_the_last_batch(monkeypatch, tmp_path, image_folder):
+    """--recipe authors boosts as the authors' loader did: one random order drawn once, the same batches
+    every boosting epoch, the last N mod batch images never trained on nor pseudo-labelled (-1); k-means
+    sees exactly the batched images, in that order's batches. The paper recipe reshuffles every epoch
+    and labels every image."""
+    seen, labelled, real_batches, real_targets = [], [], data.batches, pici.cli_targets
+    monkeypatch.setattr(data, "batches", lambda *a, **k: seen.append([]) or (
+        (seen[-1].append(b[2].tolist()) or b) for b in real_batches(*a, **k)))
+    monkeypatch.setattr(pici, "cli_targets", lambda *a, **k: labelled.append(a[-1]) or real_targets(*a, **k))
+    for name in ("authors", "paper"):
+        seen.clear(), labelled.clear()
+        in_process(pici, "--dataset", image_folder, "--max-images", 40, "--image-size", 32, "--batch-size", 16, "--eval-every", 0,
+                   "--vit", "tiny", "--pretrain-epochs", 0, "--train-epochs", 1, "--boost-epochs", 2, "--recipe", name,
+                   "--run-name", name, out_dir=tmp_path, data_root=tmp_path / "data")
+        targets = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["cli_targets"]
+        train, boost = seen[0], seen[1:3]
+        assert len(train) == 2 and all(len(b) == 2 and all(len(i) == 16 for i in b) for b in boost)
+        used = sorted(i for batch in boost[0] for i in batch)
+        if name == "authors":
+            assert boost[0] == boost[1] and boost[0] != train  # one order for boosting, drawn once
+            assert [b.tolist() for b in labelled[0].split(16)] == boost[0]  # features min-max scaled over those batches
+            assert [i for i in range(40) if targets[0, i] < 0] == sorted(set(range(40)) - set(used))  # 8 never labelled
+            assert (targets[:, used] >= 0).all()
+        else:
+            assert boost[0] != boost[1] and labelled == [None, None]  # reshuffled, every image labelled
+            assert (targets >= 0).all()
 
 
 def test_authors_cli_loss_takes_a_second_softmax():

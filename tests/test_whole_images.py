@@ -99,14 +99,14 @@ def test_per_image_sizes():
         assert torch.equal(mixed[i], alone[i])
 
 
-@pytest.mark.parametrize("storage_size,mean_tol,max_tol", [(270, 0.001, 0.01), (None, 0.004, 0.15)])
+@pytest.mark.parametrize("storage_size,mean_tol,max_tol", [(None, 0.001, 0.01), (270, 0.001, 0.01), (64, 0.004, 0.15)])
 def test_crop_matches_torchvision_crop_of_the_original(tmp_path, storage_size, mean_tol, max_tol):
     height, width = 90, 270
     picture = smooth_image(height, width)
     ds = data.load_dataset(str(two_class_folder(tmp_path / "wide", picture)), root=str(tmp_path), image_size=32,
                            storage_size=storage_size)
     stored = ds.images.shape[-1]
-    assert stored == (storage_size or 64) and ds.sizes[0].tolist() == [height, width]  # default: 2 x 32
+    assert stored == (storage_size or 270) and ds.sizes[0].tolist() == [height, width]  # default: the native 270
     original = TF.to_image(picture).float() / 255
     # the views' crop path: no colour ops, so each view is the box of the original, resized and maybe flipped
     plain = data.View(crop=(0.08, 1.0), flip=0.5)
@@ -144,7 +144,7 @@ def test_training_crops_reach_every_part(tmp_path):
 def test_wide_image_stored_and_evaluated_whole(tmp_path):
     ds = data.load_dataset(str(two_class_folder(tmp_path / "thirds", thirds_image(60, 180))), root=str(tmp_path),
                            image_size=24)
-    assert ds.images.shape == (2, 3, 48, 48) and ds.sizes.tolist() == [[60, 180]] * 2  # S = 2 x 24
+    assert ds.images.shape == (2, 3, 180, 180) and ds.sizes.tolist() == [[60, 180]] * 2  # S = the native 180
     crop = data.View(crop=(0.08, 1.0), flip=0.5)
     weak, strong = data.View(norm=data.IMAGENET), data.View(crop=(0.08, 1.0), flip=0.5, norm=data.IMAGENET)  # PICI-like
     for aug in (data.Augmentation((crop, crop), 24), data.Augmentation((weak, strong), 24)):
@@ -163,12 +163,48 @@ def test_wide_image_stored_and_evaluated_whole(tmp_path):
 def test_storage_size_default_and_cap(tmp_path):
     folder = two_class_folder(tmp_path / "thirds", thirds_image(60, 180))
     load = lambda **kw: data.load_dataset(str(folder), root=str(tmp_path), **kw)
-    assert load(image_size=32).images.shape[-1] == 64  # 2 x image size
-    assert load(image_size=224).images.shape[-1] == 180  # the native (longest) side when smaller
+    assert load(image_size=32).images.shape[-1] == 180  # the native (longest) side, whatever the training size
+    assert load(image_size=224).images.shape[-1] == 180
     assert load(image_size=32, storage_size=40).images.shape[-1] == 40
     assert load(image_size=32, storage_size=1000).images.shape[-1] == 180  # never above native
+    assert load(image_size=32, storage_size=40, memory=1000).images.shape[-1] == 40  # a given size is not capped
     with pytest.raises(data.DataError, match="--storage-size"):
         load(image_size=32, storage_size=0)
+
+
+def test_storage_size_fits_the_memory(tmp_path):
+    folder = two_class_folder(tmp_path / "thirds", thirds_image(60, 180))
+    load = lambda **kw: data.load_dataset(str(folder), root=str(tmp_path / "root"), image_size=32, **kw)
+    assert load(memory=2 * 3 * 180 ** 2).images.shape[-1] == 180  # the native store just fits
+    with pytest.warns(UserWarning, match=r"thirds: 2 images at their native 180 px .* stored at 100 px \(--storage-size S sets"):
+        assert load(memory=2 * 3 * 100 ** 2 + 5).images.shape[-1] == 100  # the largest side that fits: rebuilt
+    with pytest.warns(UserWarning, match="stored at 100 px"):
+        assert load(memory=2 * 3 * 120 ** 2).images.shape[-1] == 100  # the capped cache kept while native does not fit
+    assert load(memory=None).images.shape[-1] == 180  # native fits again: rebuilt
+    assert data.storage_side(10_000, 600, memory=10_000 * 3 * 600 ** 2) == 600  # AID native, 10.8 GB in 10.8 GB
+    assert data.storage_side(10_000, 600, memory=10_000 * 3 * 600 ** 2 - 1) == 599
+    assert data.storage_side(10_000, 600, given=256, memory=1) == 256
+
+
+def test_the_store_fits_the_host_or_the_gpu_it_must_live_in(monkeypatch, tmp_path):
+    folder = two_class_folder(tmp_path / "thirds", thirds_image(60, 180))
+    args = common.parse_args(__import__("cc").Args, ["--dataset", str(folder), "--data-root", str(tmp_path), "--image-size", "32",
+                                                     "--batch-size", "2", "--device", "cpu"])
+    monkeypatch.setattr(common, "host_memory", lambda: 2 * (2 * 3 * 90 ** 2))  # half of it for the store: 90 px
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        ds = common.load_data(args, common.Env(args, "cc"))
+    assert ds.images.shape[-1] == 90
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and "stored at 90 px (--storage-size S sets the side)" in lines[0], lines
+    monkeypatch.setattr(common, "host_memory", lambda: None)  # unknown: no cap
+    assert common.store_memory(args, None) is None
+    monkeypatch.setattr(common, "host_memory", lambda: 10 ** 12)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 10 ** 9, 80 * 10 ** 9))
+    assert common.store_memory(args, gpu) == 10 ** 12 // 2  # auto: a store too large for the GPU stays on the host
+    args.data_on_device = "yes"
+    assert common.store_memory(args, gpu) == 2 * 10 ** 9  # yes: a quarter of the GPU's free memory, as place_images
 
 
 def test_upsampling_warning(tmp_path):
