@@ -228,7 +228,7 @@ def _resize_uint8(x, size):
 
 
 def _torchvision(name, root, split):
-    """One split of a TORCHVISION dataset: (uint8 images (N, 3, s, s), labels, classes)."""
+    """One split of a TORCHVISION dataset: (uint8 images, labels, classes)."""
     import torchvision
     cls, folder, url = TORCHVISION[name]
     cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
@@ -257,9 +257,9 @@ def _folder(folder, num_clusters, only=None):
             for f in sorted(f for f in fnames if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith(".")):
                 st = os.stat(os.path.join(top, f))
                 listing.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
-    layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
     if not listing:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: expected {folder}/<class>/.../<image>.jpg "
+                        f"(one sub-folder per class) or {folder}/<image>.jpg")
     flat = [r for r in listing if os.sep not in r[0]]
     if len(flat) == len(listing):  # no class folders: the user's own unlabelled images
         if num_clusters is None:
@@ -611,8 +611,7 @@ def _uniform(shape, lo, hi, g):
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
     (n,) tensors): torchvision's 10 tries, then its fallback."""
-    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]
-    width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
+    height, width = (torch.as_tensor(v, dtype=torch.float64).expand(n)[:, None] for v in (height, width))
     area = height * width * _uniform((n, 10), *scale, g)
     aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
     w = torch.round(torch.sqrt(area * aspect))
