@@ -108,14 +108,15 @@ def test_authors_recipe_changes_exactly_the_listed_settings(dataset):
     # PICI: the training script's two strong BYOL views (view a was the whole image, view b gains solarize);
     # fixed sin-cos positions (models_mae.py); CLI (cross_level_interaction.py, train_pici.py): pseudo-labels
     # once, at the first boosting epoch, from the features of masked inputs, min-max scaled per batch,
-    # k-means with 100 inits, renamed batch by batch, CrossEntropyLoss on the softmax output
+    # k-means with 100 inits, renamed batch by batch, CrossEntropyLoss on the softmax output; boosting
+    # in one order drawn once (its sampler), the last partial batch dropped
     weak, strong = pici.recipe("paper", dataset)["views"]
     assert differences(pici, dataset) == {
         ("a", "crop"): (None, (0.08, 1.0)), ("a", "flip"): (0.0, 0.5), ("a", "jitter"): ((0.0,) * 4, (0.4, 0.4, 0.2, 0.1)),
         ("a", "p_jitter"): (0.0, 0.8), ("a", "p_grey"): (0.0, 0.2), ("a", "p_blur"): (0.0, 1.0), ("b", "p_solarize"): (0.0, 0.2),
         ("positions",): ("learnable", "fixed"), ("relabel",): ("every epoch", "once"), ("masked",): (False, True),
         ("minmax",): (False, True), ("kmeans_inits",): (10, 100), ("match",): ("dataset", "batch"),
-        ("softmax_twice",): (False, True)}
+        ("softmax_twice",): (False, True), ("boost_order",): ("reshuffled", "fixed")}
     assert pici.recipe("authors", dataset)["views"][0] == strong
 
 
