@@ -1,16 +1,11 @@
 """Datasets and batched augmentations shared by the five method scripts (CC, VTCC, ViT-IC, PICI, DCSC).
 
-Images are decoded once into one uint8 tensor (N, 3, S, S), cached under `<root>/.cache/`, and
-augmented a whole batch at a time on the training device: the random parameters come from a seeded
-CPU generator (reproducible, resumable), the ops follow torchvision's semantics and sampling, and no
-DataLoader workers are needed. Which ops, how strong and how often is each method's recipe,
-declared as data (two `View`s) in the method's own file. Every image is kept whole, squashed to
-S x S, with its original height and width beside it (ds.sizes): the authors run RandomResizedCrop
-on the full original image and evaluate on the whole image resized to size x size, and so do we
-(crop boxes are drawn in the original's frame and mapped into the stored square).
+Images are decoded once into one uint8 tensor (N, 3, S, S), cached in `<root>/.cache/`, each whole
+(its original size in ds.sizes: the authors crop the full original and evaluate on it resized), and
+augmented a batch at a time on the device with torchvision's ops and a seeded CPU generator.
 
     ds = load_dataset("ucmerced", root="./data", image_size=224)
-    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5), View(crop=(0.08, 1.0), flip=0.5)), 224)
+    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5),) * 2, 224)
     for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
         x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
 """
@@ -27,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-# number of classes per dataset, as the papers use them; a folder path is also accepted
+# classes per dataset, as the papers use them
 DATASETS = {
     "digits": 10, "cifar10": 10, "cifar100": 20, "stl10": 10, "imagenet10": 10, "imagenet-dogs": 15,
     "tiny-imagenet": 200, "rsod": 4, "ucmerced": 21, "siri-whu": 12, "aid": 30, "d0": 40, "dtd": 47,
@@ -40,41 +36,41 @@ IMAGENET_WNIDS = {
     "imagenet-dogs": "n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
                      "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
 }
-# CIFAR-100's 20 super-classes and their 5 classes each (the dataset's own hierarchy); the coarse
-# label ids are the super-class names in alphabetical order, as in the dataset's meta file.
-CIFAR100_SUPERCLASSES = {
-    "aquatic_mammals": "beaver dolphin otter seal whale",
-    "fish": "aquarium_fish flatfish ray shark trout",
-    "flowers": "orchid poppy rose sunflower tulip",
-    "food_containers": "bottle bowl can cup plate",
-    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
-    "household_electrical_devices": "clock keyboard lamp telephone television",
-    "household_furniture": "bed chair couch table wardrobe",
-    "insects": "bee beetle butterfly caterpillar cockroach",
-    "large_carnivores": "bear leopard lion tiger wolf",
-    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
-    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
-    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
-    "medium_mammals": "fox porcupine possum raccoon skunk",
-    "non-insect_invertebrates": "crab lobster snail spider worm",
-    "people": "baby boy girl man woman",
-    "reptiles": "crocodile dinosaur lizard snake turtle",
-    "small_mammals": "hamster mouse rabbit shrew squirrel",
-    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
-    "vehicles_1": "bicycle bus motorcycle pickup_truck train",
-    "vehicles_2": "lawn_mower rocket streetcar tank tractor",
-}
-# fine label id (fine names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
+# CIFAR-100's 20 super-classes (coarse ids in alphabetical order, as its meta file) and their classes
+CIFAR100_SUPERCLASSES = dict(line.split(": ") for line in """\
+aquatic_mammals: beaver dolphin otter seal whale
+fish: aquarium_fish flatfish ray shark trout
+flowers: orchid poppy rose sunflower tulip
+food_containers: bottle bowl can cup plate
+fruit_and_vegetables: apple mushroom orange pear sweet_pepper
+household_electrical_devices: clock keyboard lamp telephone television
+household_furniture: bed chair couch table wardrobe
+insects: bee beetle butterfly caterpillar cockroach
+large_carnivores: bear leopard lion tiger wolf
+large_man-made_outdoor_things: bridge castle house road skyscraper
+large_natural_outdoor_scenes: cloud forest mountain plain sea
+large_omnivores_and_herbivores: camel cattle chimpanzee elephant kangaroo
+medium_mammals: fox porcupine possum raccoon skunk
+non-insect_invertebrates: crab lobster snail spider worm
+people: baby boy girl man woman
+reptiles: crocodile dinosaur lizard snake turtle
+small_mammals: hamster mouse rabbit shrew squirrel
+trees: maple_tree oak_tree palm_tree pine_tree willow_tree
+vehicles_1: bicycle bus motorcycle pickup_truck train
+vehicles_2: lawn_mower rocket streetcar tank tractor""".splitlines())
+# fine label id (names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
-
+# torchvision's class, its folder in --data-root, the download
+TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+               "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+               "stl10": ("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 3  # bump when the decoding changes, so old caches are rebuilt (3: every mode by its range, see to_rgb; 2: whole images)
+CACHE_VERSION = 3  # bumped when the decoding changes, so old caches are rebuilt
 SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
-# Chaoyang's label ids 0-3 in its train.json / test.json, named as in the dataset's release
-CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
+CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]  # its label ids 0-3, as released
 
 
 class DataError(ValueError):
@@ -83,82 +79,90 @@ class DataError(ValueError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, resized to S x S (aspect not kept)
-    sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame training crops are drawn in
-    labels: torch.Tensor | None  # (N,) int64, None for unlabelled data
-    files: list  # N file paths relative to the folder, or "cifar10/train/123"-style ids
-    classes: list  # class names ([] for unlabelled data)
-    num_classes: int  # K: --num-clusters when given, else len(classes)
+    images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, squashed to S x S
+    sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame crops are drawn in
+    labels: torch.Tensor | None  # (N,) int64 or None
+    files: list  # N file paths in the folder, or "cifar10/train/123"-style ids
+    classes: list
+    num_classes: int  # K: --num-clusters, else len(classes)
     name: str
-    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss); else None
+    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss)
 
     def __len__(self):
         return len(self.images)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# --- Loading: every source is a list of images (in memory or files), labels and class names, which
+# load_dataset subsets, checks against the run's needs and stores.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None, memory=None):
-    """Load a named dataset (DATASETS) or any image folder as an ImageSet of whole uint8 images.
-
-    Each image is stored whole, resized to S x S, its original (height, width) in ds.sizes. S is
-    storage_size, never more than the largest native side; by default that native side (the papers
-    crop from the original image), or less when N x 3 x S^2 bytes would not fit in `memory`
-    (storage_side).
-
-    need: the fewest images a training run can use (its --batch-size); with it, a dataset smaller than
-    one batch or than K is refused before any image is decoded (and no cache is written).
-    """
-    cache_dir = cache_dir or os.path.join(root, ".cache")  # where decoded folders are cached
+    """A named dataset (DATASETS) or an image folder as an ImageSet at storage_side's S (by default
+    native: the papers crop the original). need: --batch-size; fewer images or than K: refused early."""
     if num_clusters is not None and num_clusters < 2:
         raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
     if max_images is not None and max_images < 2:
         raise DataError(f"--max-images must be at least 2, got {max_images}")
     if storage_size is not None and storage_size < 1:
         raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
-    size = functools.partial(storage_side, given=storage_size, memory=memory)  # S of (n images, largest native side)
-    name = str(name_or_path)
-    unlabeled = None
+    side, name = (storage_size, memory), str(name_or_path)
+    title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
+    # a source: uint8 images (N, 3, s, s) or a folder; N ids or [(file, bytes, mtime_ns)]; labels; classes
     if name == "digits":
-        ds = _load_digits(size, max_images, seed)
-    elif name in ("cifar10", "cifar100"):
-        ds = _load_cifar(name, root, size, max_images, seed)
-    elif name == "stl10":
-        ds, unlabeled = _load_stl10(root, size, max_images, seed, with_unlabeled)
+        from sklearn.datasets import load_digits
+        d = load_digits()  # 1797 8x8 greys with values 0..16
+        x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None].expand(-1, 3, -1, -1)
+        source = x, [f"digits/{i}" for i in range(len(x))], d.target, [str(c) for c in range(10)]
+    elif name in TORCHVISION:  # train and test pooled: the papers' transductive protocol
+        parts = {split: _torchvision(name, root, split) for split in ("train", "test")}
+        files = [f"{name}/{split}/{i}" for split, (x, _, _) in parts.items() for i in range(len(x))]
+        labels, classes = [y for _, ys, _ in parts.values() for y in ys], parts["test"][2]
+        if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
+            labels, classes = [CIFAR100_COARSE[y] for y in labels], sorted(CIFAR100_SUPERCLASSES)
+        source = torch.cat([x for x, _, _ in parts.values()]), files, labels, classes
     elif name in IMAGENET_WNIDS:
-        ds = _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need)
-    elif name == "tiny-imagenet":
-        folder = os.path.join(root, "tiny-imagenet-200", "train")
-        if not os.path.isdir(folder):
-            raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
-                            f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
+        wnids, candidates = IMAGENET_WNIDS[name], [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
+        folder = next((f for f in candidates if all(os.path.isdir(os.path.join(f, w)) for w in wnids)), None)
+        if folder is None:
+            raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
+                            f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
+                            f"{candidates[0]}/<wnid>/)")
+        source = _folder(folder, num_clusters, wnids)
     elif name == "chaoyang":
-        ds = _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters, need)
-    elif name in DATASETS:
-        folder = os.path.join(root, name)
+        source = _chaoyang(os.path.join(root, "chaoyang"))
+    elif name in DATASETS or os.path.isdir(name):
+        folder = os.path.join(root, {"tiny-imagenet": "tiny-imagenet-200/train"}.get(name, name)) if name in DATASETS else name
         if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
             folder = os.path.join(folder, "images")  # DTD as published: dtd/images/<class>/ beside labels/ and imdb/
+        if name == "tiny-imagenet" and not os.path.isdir(folder):
+            raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
+                            f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
         if not os.path.isdir(folder):
             published = {"rsod": f"; RSOD as published, {folder}/<class>/JPEGImages/*.jpg, works",
                          "dtd": f"; DTD as published, {folder}/images/<class>/*.jpg, works"}.get(name, "")
             raise DataError(f"dataset '{name}' not found: expected the folder {folder}/ with one sub-folder per "
                             f"class ({DATASETS[name]} classes), e.g. {folder}/<class>/<image>.jpg (images are found "
                             f"recursively{published}). Download it from its publisher, or pass --data-root.")
-        ds = _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, need=need)
-    elif os.path.isdir(name):
-        ds = _load_folder(name, cache_dir, size, max_images, seed, workers, num_clusters,
-                          name=os.path.basename(os.path.normpath(name)), need=need)
+        source = _folder(folder, num_clusters)
     elif os.sep in name or name.startswith("."):
         raise DataError(f"folder {name} not found: expected {name}/<class>/<image>.jpg (one sub-folder per class) "
                         f"or a flat folder of images with --num-clusters")
     else:
         raise DataError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}, or the path of a folder "
                         f"of images (one sub-folder per class, or a flat folder with --num-clusters)")
-    ds.num_classes = num_clusters or len(ds.classes)
+    where, files, labels, classes = source
+    labels = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
+    keep = balanced_subset(labels, max_images, seed, total=len(files)) if max_images else None
+    _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)
+    if isinstance(where, str):
+        images, sizes, labels, files = _stored(where, files, labels, keep, side, max_images, seed, workers,
+                                               cache_dir or os.path.join(root, ".cache"), title)
+    else:
+        if keep is not None:
+            where, labels, files = where[keep], labels[keep], [files[i] for i in keep]
+        sizes = torch.tensor(where.shape[-2:]).repeat(len(where), 1)
+        images = _resize_uint8(where, storage_side(len(where), where.shape[-1], *side)).contiguous()
+    ds = ImageSet(images, sizes, labels, files, classes, num_clusters or len(classes), title)
     _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # again: unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
@@ -167,18 +171,20 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         h, w = ds.sizes[small.nonzero()[0, 0]].tolist()
         warnings.warn(f"{ds.name}: {int(small.sum())} of {len(ds)} images are smaller than the training size "
                       f"{image_size} px (e.g. {w}x{h}); they are up-sampled to it")
-    native, side = int(ds.sizes.max()), ds.images.shape[-1]
-    if side < native and not storage_size:
+    native, stored = int(ds.sizes.max()), ds.images.shape[-1]
+    if stored < native and not storage_size:
         warnings.warn(f"{ds.name}: {len(ds)} images at their native {native} px would take {len(ds) * 3 * native ** 2 / 1e9:.1f} "
-                      f"GB, more than the {memory / 1e9:.1f} GB the store may use: stored at {side} px (--storage-size S sets the side)")
-    ds.unlabeled = unlabeled
+                      f"GB, more than the {memory / 1e9:.1f} GB the store may use: stored at {stored} px (--storage-size S sets the side)")
+    if with_unlabeled and name == "stl10":  # STL-10's 100k unlabelled images, for CC's instance loss
+        u = _torchvision(name, root, "unlabeled")[0]
+        u = u[balanced_subset(None, max_images, seed, total=len(u))] if max_images else u
+        ds.unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
     return ds
 
 
 def storage_side(n, native, given=None, memory=None, cached=None):
-    """The stored side S of n images whose largest native side is `native`: --storage-size when given,
-    else the native side, or when n x 3 x S^2 bytes exceed `memory` (bytes; None: no limit) the
-    largest S that fits (a cache's smaller side is kept until the native side fits). Never above native."""
+    """The stored side of n images: `given` (--storage-size), else their largest native side, or when
+    n x 3 x S^2 bytes exceed `memory` the largest S that fits (a cache's kept till native fits)."""
     if given or memory is None or n * 3 * native ** 2 <= memory:
         return min(given or native, native)
     return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
@@ -186,11 +192,9 @@ def storage_side(n, native, given=None, memory=None, cached=None):
 
 def _check_count(n, need, num_clusters, classes, name):
     """A training run needs one batch of images, and at least one image per cluster."""
-    if need is None:
-        return
-    if n < need:
+    if need is not None and n < need:
         raise DataError(f"{name} has {n} images, fewer than --batch-size {need}: lower --batch-size")
-    if n < (num_clusters or len(classes)):
+    if need is not None and n < (num_clusters or len(classes)):
         fix = "lower --num-clusters" if num_clusters else f"raise --max-images to at least the {len(classes)} classes"
         raise DataError(f"{name} has {n} images, fewer than the {num_clusters or len(classes)} clusters: {fix}")
 
@@ -198,22 +202,18 @@ def _check_count(n, need, num_clusters, classes, name):
 def balanced_subset(labels, n, seed, total=None):
     """Sorted indices of a class-balanced subset of n images (random within each class, seeded)."""
     total = len(labels) if labels is not None else total
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(total, generator=g)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     if n >= total:
         return torch.arange(total)
     if labels is None:
         return perm[:n].sort().values
+    # each image's rank in its class (in shuffled order); taking ranks 0, 1, 2... of every class in
+    # turn gives counts that differ by at most one between classes
     lab = torch.as_tensor(labels)[perm]
-    # rank of each image within its class (in shuffled order); taking ranks 0, 1, 2... of every
-    # class in turn gives counts that differ by at most one between classes
-    order = torch.argsort(lab, stable=True)
-    counts = torch.bincount(lab)
-    starts = torch.cumsum(counts, 0) - counts
+    order, counts = torch.argsort(lab, stable=True), torch.bincount(lab)
     rank = torch.empty_like(lab)
-    rank[order] = torch.arange(total) - starts[lab[order]]
-    take = torch.argsort(rank * total + torch.arange(total))[:n]
-    return perm[take].sort().values
+    rank[order] = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[lab[order]]
+    return perm[torch.argsort(rank * total + torch.arange(total))[:n]].sort().values
 
 
 def _resize_uint8(x, size):
@@ -227,194 +227,64 @@ def _resize_uint8(x, size):
     return out
 
 
-def _from_arrays(name, images, labels, files, classes, size, max_images, seed):
-    """ImageSet from in-memory square uint8 images (N, 3, s, s): subset, then shrink to `size` if larger."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    if max_images:
-        keep = balanced_subset(labels, max_images, seed)
-        images, labels, files = images[keep], labels[keep], [files[i] for i in keep]
-    sizes = torch.tensor(images.shape[-2:]).repeat(len(images), 1)
-    images = _resize_uint8(images, size(len(images), images.shape[-1]))
-    return ImageSet(images.contiguous(), sizes, labels, files, classes, len(classes), name)
-
-
-def _load_digits(size, max_images, seed):
-    from sklearn.datasets import load_digits
-    d = load_digits()  # 1797 8x8 greys with values 0..16
-    x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))
-    x = x[:, None].expand(-1, 3, -1, -1)
-    files = [f"digits/{i}" for i in range(len(x))]
-    return _from_arrays("digits", x, d.target, files, [str(c) for c in range(10)], size, max_images, seed)
-
-
-def _torchvision_set(cls, root, where, url, **kw):
-    """A torchvision dataset from root; try to download it when missing; clear error otherwise."""
+def _torchvision(name, root, split):
+    """One split of a TORCHVISION dataset: (uint8 images, labels, classes)."""
+    import torchvision
+    cls, folder, url = TORCHVISION[name]
+    cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
-        return cls(root, download=False, **kw)
+        d = cls(root, download=False, **kw)
     except RuntimeError:
-        pass
-    try:
-        return cls(root, download=True, **kw)
-    except Exception as e:
-        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}: "
-                        f"{e}); download {url} and extract it into {root}/ (or pass --data-root)") from e
+        try:
+            d = cls(root, download=True, **kw)
+        except Exception as e:
+            raise DataError(f"{cls.__name__} is not in {os.path.join(root, folder)} and could not be downloaded "
+                            f"({type(e).__name__}: {e}); download {url} and extract it into {root}/ (or pass "
+                            f"--data-root)") from e
+    x = torch.from_numpy(d.data)
+    if name == "stl10":
+        return x, [int(y) for y in d.labels], d.classes
+    return x.permute(0, 3, 1, 2), list(d.targets), d.classes
 
 
-def _load_cifar(name, root, size, max_images, seed):
-    import torchvision
-    if name == "cifar10":
-        cls, folder, url = torchvision.datasets.CIFAR10, "cifar-10-batches-py", \
-            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    else:
-        cls, folder, url = torchvision.datasets.CIFAR100, "cifar-100-python", \
-            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-    images, labels, files = [], [], []
-    for split, train in (("train", True), ("test", False)):  # train+test pooled: the papers' transductive protocol
-        d = _torchvision_set(cls, root, os.path.join(root, folder), url, train=train)
-        images.append(torch.from_numpy(d.data).permute(0, 3, 1, 2))
-        labels += list(d.targets)
-        files += [f"{name}/{split}/{i}" for i in range(len(d.data))]
-    classes = d.classes
-    if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
-        coarse = {f: _coarse_of[f] for f in classes}
-        labels = [coarse[classes[y]] for y in labels]
-        classes = sorted(CIFAR100_SUPERCLASSES)
-    return _from_arrays(name, torch.cat(images), labels, files, classes, size, max_images, seed)
-
-
-def _load_stl10(root, size, max_images, seed, with_unlabeled):
-    import torchvision
-    url, where = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", os.path.join(root, "stl10_binary")
-    images, labels, files = [], [], []
-    for split in ("train", "test"):
-        d = _torchvision_set(torchvision.datasets.STL10, root, where, url, split=split)
-        images.append(torch.from_numpy(d.data))
-        labels += d.labels.tolist()
-        files += [f"stl10/{split}/{i}" for i in range(len(d.data))]
-    ds = _from_arrays("stl10", torch.cat(images), labels, files, d.classes, size, max_images, seed)
-    unlabeled = None
-    if with_unlabeled:
-        u = torch.from_numpy(_torchvision_set(torchvision.datasets.STL10, root, where, url, split="unlabeled").data)
-        if max_images:
-            u = u[balanced_subset(None, max_images, seed, total=len(u))]
-        unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
-    return ds, unlabeled
-
-
-def _load_imagenet_subset(name, root, size, max_images, seed, workers, num_clusters, cache_dir, need):
-    wnids = IMAGENET_WNIDS[name]
-    candidates = [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
-    for folder in candidates:
-        if all(os.path.isdir(os.path.join(folder, w)) for w in wnids):
-            return _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name=name, only=wnids, need=need)
-    raise DataError(f"{name} not found: expected an ImageNet train folder with the class folders "
-                    f"{' '.join(wnids)} in {candidates[1]}/<wnid>/*.JPEG (or a copy of just those in "
-                    f"{candidates[0]}/<wnid>/)")
-
-
-def _is_image(fname):
-    return os.path.splitext(fname)[1].lower() in IMAGE_EXTS and not fname.startswith(".")
-
-
-def _walk(folder):
-    """Image files under folder, recursively, sorted: [(path relative to folder, size, mtime_ns)]."""
-    out = []
-    for top, dirs, fnames in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
-        for f in sorted(fnames):
-            if _is_image(f):
+def _folder(folder, num_clusters, only=None):
+    """The images under folder (or its class folders `only`): one sub-folder per class (searched
+    recursively), or a flat folder of unlabelled images."""
+    listing = []
+    for sub in only or [""]:
+        for top, dirs, fnames in os.walk(os.path.join(folder, sub), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips our .cache
+            for f in sorted(f for f in fnames if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith(".")):
                 st = os.stat(os.path.join(top, f))
-                out.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
-    return out
-
-
-def _image_size(path):
-    """(width, height) from the header only, or None for an unreadable file."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:
-        return None
-
-
-def _decode(path, size):
-    """Decode one image whole: RGB, resized to size x size (aspect not kept). (size, size, 3) uint8."""
-    from PIL import Image
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
-        im = to_rgb(im)
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
-        return np.asarray(im)
-
-
-def to_rgb(im):
-    """Any image Pillow opens as 8-bit RGB, each mode by its real range (Pillow's own convert("RGB")
-    clips 16-bit greys to white and rounds 0-1 floats to black):
-    - 16-bit greys (I;16, I;16B, ...): 0-65535 to 0-255. 32-bit integer greys (I, as Pillow opens
-      some 16-bit files): the same when they fit 0-65535, else their own min-max.
-    - float greys (F): 0-1 to 0-255 when they fit it, else their own min-max (a float's scale is
-      not in the file).
-    - transparency (RGBA, LA, PA, palette or grey with a transparent colour): composited on white,
-      as an image viewer shows it; the hidden pixels' colours (often black or junk) are not data.
-    - CMYK, 1-bit, palette, YCbCr, HSV: Pillow's conversion (1-bit: 0 or 255)."""
-    from PIL import Image
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        x = np.asarray(im).astype(np.float64)
-        lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
-        if (x.min() < lo or x.max() > hi or not np.isfinite(x).all()):
-            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            lo, hi = float(x.min()), float(x.max())
-        grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
-
-
-def _load_folder(folder, cache_dir, size, max_images, seed, workers, num_clusters, name, only=None, need=None):
-    """Images under folder: one sub-folder per class (found recursively inside it), or a flat folder."""
-    if not os.path.isdir(folder):
-        raise DataError(f"folder {folder} not found")
-    layout = f"expected {folder}/<class>/.../<image>.jpg (one sub-folder per class) or {folder}/<image>.jpg"
-    if only is not None:
-        listing = [(os.path.join(c, f), s, m) for c in only for f, s, m in _walk(os.path.join(folder, c))]
-    else:
-        listing = _walk(folder)
+                listing.append((os.path.relpath(os.path.join(top, f), folder), st.st_size, st.st_mtime_ns))
     if not listing:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: {layout}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}: expected {folder}/<class>/.../<image>.jpg "
+                        f"(one sub-folder per class) or {folder}/<image>.jpg")
     flat = [r for r in listing if os.sep not in r[0]]
     if len(flat) == len(listing):  # no class folders: the user's own unlabelled images
         if num_clusters is None:
             raise DataError(f"{folder} is a flat folder of unlabelled images: pass --num-clusters K, or put the "
                             f"images in one sub-folder per class")
-        classes, labels = [], None
-    else:
-        if flat:
-            warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
-            listing = [r for r in listing if os.sep in r[0]]
-        classes = sorted({r[0].split(os.sep)[0] for r in listing})
-        if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
-            fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
-                   f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
-                   f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
-            raise DataError(f"{folder}: its only sub-folders are {', '.join(classes)}, dataset splits, not classes: {fix}")
-        if len(classes) < 2:
-            raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
-                            f"(or a flat folder of images with --num-clusters)")
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[r[0].split(os.sep)[0]] for r in listing], dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need, num_clusters)
+        return folder, listing, None, []
+    if flat:
+        warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
+        listing = [r for r in listing if os.sep in r[0]]
+    classes = sorted({r[0].split(os.sep)[0] for r in listing})
+    if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
+        fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
+               f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
+               f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
+        raise DataError(f"{folder}: its only sub-folders are {', '.join(classes)}, dataset splits, not classes: {fix}")
+    if len(classes) < 2:
+        raise DataError(f"{folder}: found 1 class folder with images ({classes[0]}); clustering needs at least 2 "
+                        f"(or a flat folder of images with --num-clusters)")
+    index = {c: i for i, c in enumerate(classes)}
+    return folder, listing, [index[r[0].split(os.sep)[0]] for r in listing], classes
 
 
-def _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_clusters=None, need=None):
-    """Chaoyang as published: chaoyang/{train,test}/*.jpg, labels in chaoyang/{train,test}.json (a list
-    of {"name": "train/<file>", "label": 0-3}); both splits pooled, as in the papers' transductive protocol."""
-    folder = os.path.join(root, "chaoyang")
-    listing, labels, missing = [], [], []
+def _chaoyang(folder):
+    """Chaoyang as published: {train,test}/*.jpg, labels in {train,test}.json; both splits pooled."""
+    pairs = []
     for split in ("train", "test"):
         path = os.path.join(folder, f"{split}.json")
         if not os.path.isfile(path):
@@ -429,64 +299,50 @@ def _load_chaoyang(root, cache_dir, size, max_images, seed, workers, num_cluster
         for file, label in entries:
             if not 0 <= label < len(CHAOYANG_CLASSES):
                 raise DataError(f"{path}: label {label} of {file} is not one of Chaoyang's 0-3; download it again")
-            try:
-                st = os.stat(os.path.join(folder, file))
-            except OSError:
-                missing.append(file)
-                continue
-            listing.append((os.path.normpath(file), st.st_size, st.st_mtime_ns))
-            labels.append(label)
+        pairs += entries
+    missing = [f for f, _ in pairs if not os.path.exists(os.path.join(folder, f))]
     if missing:
         raise DataError(f"{len(missing)} images named in Chaoyang's label files are not in {folder} "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); extract the whole download there")
-    labels = torch.tensor(labels, dtype=torch.int64)
-    return _load_files(folder, cache_dir, listing, labels, CHAOYANG_CLASSES, size, max_images, seed, workers, "chaoyang", need,
-                       num_clusters)
+    stats = [os.stat(os.path.join(folder, f)) for f, _ in pairs]
+    listing = [(os.path.normpath(f), st.st_size, st.st_mtime_ns) for (f, _), st in zip(pairs, stats)]
+    return folder, listing, [y for _, y in pairs], CHAOYANG_CLASSES
 
 
-def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, seed, workers, name, need=None, num_clusters=None):
-    """Decode the listed files [(path relative to folder, bytes, mtime_ns)] whole into an ImageSet, or
-    read them from the cache. S = size(n, the largest native side)."""
-    keep = balanced_subset(labels, max_images, seed, total=len(listing)) if max_images else None
-    _check_count(len(keep) if keep is not None else len(listing), need, num_clusters, classes, name)  # before decoding
-    # the cache key covers the file list (paths, sizes, mtimes), the labels, the subset and the storage size
-    key = [CACHE_VERSION, os.path.abspath(folder), listing, labels.tolist() if labels is not None else None,
-           max_images, seed, size.keywords["given"]]
-    key = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"{name}-{size.keywords['given'] or 'native'}-{key}.pt")
+def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cache_dir, name):
+    """(images, sizes, labels, files) of the listed files (`keep` of them) at storage_side(*side),
+    decoded or from the cache (keyed by all that shapes them)."""
+    key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, side[0]]
+    cache = os.path.join(cache_dir, f"{name}-{side[0] or 'native'}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
-        try:
-            # memory-mapped: starts in well under a second, and processes on one machine share the pages
+        try:  # memory-mapped: starts at once, and the processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
-            side = c["images"].shape[-1]
-            if side != size(len(c["files"]), int(c["sizes"].max()), cached=side):  # the memory rule moved S
-                raise OSError(f"stored at {side} px, and {size(len(c['files']), int(c['sizes'].max()))} px fits the memory now")
+            n, native, stored = len(c["files"]), int(c["sizes"].max()), c["images"].shape[-1]
+            if stored != storage_side(n, native, *side, cached=stored):  # the memory rule moved S
+                raise OSError(f"stored at {stored} px, and {storage_side(n, native, *side)} px fits the memory now")
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
-            return ImageSet(c["images"], c["sizes"], c["labels"], c["files"], classes, len(classes), name)
+            return c["images"], c["sizes"], c["labels"], c["files"]
         except (OSError, RuntimeError, KeyError, EOFError) as e:
             warnings.warn(f"rebuilding the cache {cache} ({e})")
-
     if keep is not None:
-        listing = [listing[i] for i in keep]
-        labels = labels[keep] if labels is not None else None
+        listing, labels = [listing[i] for i in keep], labels[keep] if labels is not None else None
     files = [r[0] for r in listing]
     paths = [os.path.join(folder, f) for f in files]
     workers = workers or os.cpu_count() or 1
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths, chunksize=64))
-        ok = [s is not None for s in sizes]
-        size = size(sum(ok), max((max(s) for s in sizes if s), default=1))  # never above the native size
+        size = storage_side(sum(s is not None for s in sizes), max((max(s) for s in sizes if s), default=1), *side)
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
         def work(i):
-            if ok[i]:
-                try:
-                    arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
-                except Exception:
-                    ok[i] = False
+            try:
+                arr[i] = _decode(paths[i], size).transpose(2, 0, 1)
+                return sizes[i] is not None
+            except Exception:
+                return False
 
-        list(pool.map(work, range(len(paths)), chunksize=16))
+        ok = list(pool.map(work, range(len(paths)), chunksize=16))
     bad = [f for f, good in zip(files, ok) if not good]
     _report_bad(bad, len(files), folder)
     if bad:
@@ -498,28 +354,59 @@ def _load_files(folder, cache_dir, listing, labels, classes, size, max_images, s
     tmp = f"{cache}.{os.getpid()}.tmp"
     torch.save({"images": images, "sizes": sizes, "labels": labels, "files": files, "bad": bad}, tmp)
     os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
-    return ImageSet(images, sizes, labels, files, classes, len(classes), name)
+    return images, sizes, labels, files
 
 
 def _report_bad(bad, total, folder):
-    if not bad:
-        return
     names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
     if len(bad) > 0.01 * total:
         raise DataError(f"{len(bad)} of {total} images in {folder} cannot be read ({names}); "
                         f"fix or remove them (up to 1% are skipped with a warning)")
-    warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
+
+
+def _image_size(path):
+    """(width, height) from the header, or None for an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _decode(path, size):
+    """One image whole as (size, size, 3) uint8 RGB, resized to size x size (aspect not kept)."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
+        im = to_rgb(im)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
+        return np.asarray(im)
+
+
+def to_rgb(im):
+    """Any image as 8-bit RGB, each mode by its real range (Pillow's convert("RGB") clips 16-bit greys
+    to white and 0-1 floats to black): integer greys from 0-65535, float greys from 0-1, else their
+    own min-max; transparency on white, as a viewer shows it; the rest by Pillow."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = np.asarray(im).astype(np.float64)
+        lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
+        if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
+            x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
+            lo, hi = float(x.min()), float(x.max())
+        grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
-    """Yield (uint8 images, labels or None, int64 CPU indices) batches of the cached tensor.
-
-    Shuffled with torch.randperm(generator) for training, in order for evaluation. With world_size > 1
-    (torchrun) the order is rank 0's draw, sent to every process, and each batch is this rank's
-    contiguous share of the global batch of batch_size: every image once per epoch, none twice in a
-    global batch. Images are indexed where they live (on the GPU when the dataset was put there) and
-    then moved to `device`, from pinned memory without blocking when they come from the CPU.
-    """
+    """(uint8 images, labels or None, int64 CPU indices) batches, shuffled by `generator` or in order;
+    under torchrun this rank's share of one global batch, in rank 0's order; moved to `device`."""
     n = len(images)
     if batch_size % world_size:
         raise DataError(f"batch size {batch_size} must divide by the number of processes {world_size}")
@@ -532,8 +419,7 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         torch.distributed.broadcast(shared, src=0)
         order = shared.cpu()
     device = torch.device(device) if device is not None else None
-    # The epoch's order where the images (and labels) live, in one pinned non-blocking copy: a
-    # per-batch copy from pageable memory would make the host wait for the GPU in every step.
+    # the epoch's order where images and labels live, in one non-blocking copy, not one per step
     on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
         idx = {d: o[start:start + batch_size] for d, o in on.items()}
@@ -549,24 +435,18 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         yield x, y, idx
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation ops: batched, float images in [0, 1] (B, 3, H, W), one parameter per sample.
-# Each matches torchvision.transforms.v2.functional for the same parameters (test_data.py).
-# On a GPU nothing here waits for it: parameters arrive in one copy (to_device), constants are
-# made on the device once (_vector), and per-sample choices are torch.where, a parameter that
-# changes nothing, or a slice of the batch in an order drawn up on the CPU (the colour jitter).
-# ---------------------------------------------------------------------------------------------
+# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), each as torchvision's. No host sync:
+# the parameters come in one copy (to_device), constants are made on the device (_vector), and
+# per-sample choices are torch.where, a parameter that changes nothing, or a slice of the batch.
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
-    """A small constant on `device`, made there by fill kernels (a host copy would wait for the
-    GPU's queue), once per device."""
+    """A small constant made on `device` by fill kernels (a host copy would wait for the GPU)."""
     return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 def to_device(tensors, device):
-    """CPU tensors on `device` after ONE copy: packed into one pinned byte buffer, sent without
-    blocking, and viewed back. A list; on the CPU the tensors come back as they are."""
+    """A list of CPU tensors on `device` after ONE copy of one pinned byte buffer, not blocking."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
@@ -575,206 +455,91 @@ def to_device(tensors, device):
 
 
 def _pack(tensors, pin=False):
-    """(one uint8 buffer holding the tensors' bytes, a function viewing a copy of it as the tensors)."""
+    """(a uint8 buffer of the tensors' bytes, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
-    sizes = [t.numel() * t.element_size() for t in tensors]
+    sizes = [t.nbytes for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
-    buf = torch.empty(starts[-1] + sizes[-1] if tensors else 0, dtype=torch.uint8, pin_memory=pin)
+    buf = torch.empty(starts[-1] + sizes[-1], dtype=torch.uint8, pin_memory=pin)
     for t, start, n in zip(tensors, starts, sizes):
         buf[start:start + n] = t.reshape(-1).view(torch.uint8)
     return buf, lambda b: [b[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, starts, sizes)]
 
 
-def _resize_grid(offset, length, n_in, n_out):
-    """The small parts of the resampling weights of input[offset:offset+length] -> n_out pixels
-    (see _resize_weights), for offsets and lengths of any shape (...): the input pixel centres
-    c (..., n_in) and whether each lies in the box, the output centres (..., n_out), and the filter
-    support (...). Computed where offset lives: on the CPU for a training batch."""
-    scale = length / n_out
-    support = scale.clamp(min=1.0)
-    center = scale[..., None] * (torch.arange(n_out, device=offset.device) + 0.5)  # crop coordinates
-    c = torch.arange(n_in, device=offset.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
-    inside = (c >= 0) & (c < length[..., None])
-    return c, center, support, inside
+def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
+    """Boxes (B, 4) = (top, left, height, width) (of originals of sizes (B, 2) when given) as the small
+    parts of their _crop_weights, made on the CPU for a batch; flip (B,): mirrored, columns reversed."""
+    offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
+    if sizes is not None:  # the same part, at least one stored pixel wide
+        f = n_in / sizes.to(torch.float32)
+        length = (length * f).clamp(min=1.0)
+        offset = torch.minimum(offset * f, n_in - length)
+    scale = length / size
+    center = scale[..., None] * (torch.arange(size, device=boxes.device) + 0.5)  # crop coordinates
+    if flip is not None:
+        center[:, 1] = torch.where(flip[:, None], center[:, 1].flip(-1), center[:, 1])
+    c = torch.arange(n_in, device=boxes.device) + 0.5 - offset[..., None]  # pixel centres, crop coordinates
+    return c, center, scale.clamp(min=1.0), (c >= 0) & (c < length[..., None])
 
 
-def _resize_weights(c, center, support, inside):
-    """(..., n_out, n_in) rows of antialiased bilinear weights from _resize_grid's parts.
-
-    Same filter as torch's antialiased bilinear resize (PIL's): a triangle widened by the shrink
-    factor when shrinking, renormalised at the crop edges. Offsets and lengths may be fractional (a
-    box mapped from the original image into the stored one): the pixels whose centres lie in
-    [offset, offset + length) take part, at least one when length >= 1.
-    """
+def _crop_weights(c, center, support, inside):
+    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True); a
+    fractional box takes the pixels whose centres lie in it."""
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
     return w / w.sum(-1, keepdim=True)
 
 
-def _resample(x, ry, rx):
-    """Rows resampled by ry (B or 1, size, H), columns by rx (B or 1, size, W): two batched matrix
-    products. A uint8 input gives a float output in [0, 1]."""
+def _resample(x, w):
+    """x resampled by _crop_weights w; uint8 gives floats in [0, 1]."""
+    ry, rx = w[:, 0], w[:, 1]
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
     return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
 
 
-def resized_crop(x, boxes, size, flip=None):
-    """Crop boxes (B or 1, 4) = (top, left, height, width) in pixels, each resized to size x size.
-
-    As torchvision's resized_crop(..., antialias=True), for square images (as stored); boxes may be fractional (see
-    _resize_weights). flip (B,) bool mirrors those outputs at no cost: their output columns are
-    taken in reverse order.
-    """
-    boxes = boxes.to(x.device, torch.float32)
-    c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], x.shape[-1], size)  # rows, columns
-    if flip is not None:
-        center[:, 1] = torch.where(flip.to(x.device)[:, None], center[:, 1].flip(-1), center[:, 1])
-    w = _resize_weights(c, center, support, inside)
-    return _resample(x, w[:, 0], w[:, 1])
-
-
 @functools.lru_cache(maxsize=None)
-def _whole_weights(stored, size, device):
-    """The weights resizing a whole stored image to size x size, made on the device once."""
-    grid = _resize_grid(torch.zeros(1, device=device), torch.full((1,), float(stored), device=device), stored, size)
-    return _resize_weights(*grid)
+def _whole(stored, size, device):
+    return _crop_weights(*_crop_grid(_vector((0.0, 0.0, stored, stored), device)[None], stored, size))
 
 
 def resize(x, size):
-    """The whole stored image resized to size x size, i.e. the whole original resized to size x size
-    (torchvision's Resize((size, size))): the eval transform, and PICI's weak view that "merely
-    resizes and normalizes" the image (PICI paper, Sec. 4.1)."""
-    w = _whole_weights(x.shape[-1], size, x.device)
-    return _resample(x, w, w)
-
-
-def hflip(x, flip):
-    """Mirror the samples where flip (B,) is True."""
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-
-
-def _per_sample(f, x):
-    return f.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
+    """The whole image resized: the eval transform, and PICI's weak view that "merely resizes and
+    normalizes" (PICI paper, Sec. 4.1)."""
+    return _resample(x, _whole(x.shape[-1], size, x.device))
 
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 
 
 def rgb_to_grey(x):
-    """(B, 1, H, W) luma with torchvision's weights."""
-    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # one pass (a matrix-vector product)
-
-
-def _linear_op(x, f, bright=False, sat=False):
-    """One of ColorJitter's linear ops for every sample, f (B,): _jitter_stage with one kind."""
-    yes = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
-    return _jitter_stage(x, _per_sample(f, x), yes & bright, yes & sat)
-
-
-def adjust_brightness(x, f):
-    return _linear_op(x, f, bright=True)
-
-
-def adjust_contrast(x, f):
-    return _linear_op(x, f)
-
-
-def adjust_saturation(x, f):
-    return _linear_op(x, f, sat=True)
+    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])
 
 
 def adjust_hue(x, f):
-    """Rotate the hue by f (B,) in [-0.5, 0.5] turns; value and saturation unchanged.
-
-    The HSV round trip as a few elementwise ops: the hue h in sixths from the largest channel, then
-    each channel is min + chroma * ramp(h), with the three piecewise-linear ramps of HSV->RGB.
-    """
+    """Rotate the hue by f (B,) turns: HSV's hue h in sixths, each channel min + chroma * ramp(h)."""
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
     top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals (r, then g): HSV's sector
     diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
-    h = diff / (c + (c == 0)) + (2 * top + 6 * _per_sample(f, x)[:, 0])  # grey pixels: 0 / 1
+    h = diff / (c + (c == 0)) + (2 * top + 6 * f.view(-1, 1, 1))  # grey pixels: 0 / 1
     h = torch.remainder(h, 6)[:, None]  # in [0, 6)
-    ramps = torch.addcmul(_vector((-1.0, 2.0, 2.0), x.device)[:, None, None], (h - _vector((3.0, 2.0, 4.0), x.device)[:, None, None]).abs_(),
-                          _vector((1.0, -1.0, -1.0), x.device)[:, None, None]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
+    k = _vector((-1.0, 2.0, 2.0, 3.0, 2.0, 4.0, 1.0, -1.0, -1.0), x.device).view(3, 3, 1, 1)
+    ramps = torch.addcmul(k[0], (h - k[1]).abs_(), k[2]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
     return torch.addcmul(lo[:, None], ramps, c[:, None])
 
 
-def grayscale(x):
-    """3-channel grey, as torchvision's rgb_to_grayscale(x, num_output_channels=3)."""
-    return rgb_to_grey(x).expand_as(x).contiguous()
-
-
-def blur_kernel_size(size):
-    """Odd kernel of about 10% of the image: 23 at 224 px (CC's code), 13 at 128, 3 at 32 and below."""
-    k = max(3, int(0.1 * size))
-    return k + 1 - k % 2
-
-
-def _gaussian_kernels(sigma, kernel_size):
-    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
-    r = kernel_size // 2
-    t = torch.arange(-r, r + 1, device=sigma.device)
-    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    return k / k.sum(1, keepdim=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _reflect_index(n, kernel_size, device):
-    """(n, kernel_size): the source pixel of each tap, reflected at the edges without repeating them."""
-    r = kernel_size // 2
-    src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
-    return torch.where(src > n - 1, 2 * (n - 1) - src, src)
-
-
-def _blur(x, k):
-    """Separable blur of each sample with its own kernel k (B, kernel_size), reflect padding: one banded
-    (H, H) matrix per sample (reflection folded in), applied to rows and columns."""
-    n, size = x.shape[-1], k.shape[1]
-    if size // 2 >= n:
-        raise ValueError(f"blur kernel {size} too large for {n} px images")
-    m = torch.zeros(len(x), n, n, device=x.device)
-    m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
-    return m[:, None] @ x @ m.transpose(1, 2)[:, None]
-
-
-def gaussian_blur(x, kernel_size, sigma):
-    """Gaussian blur with sigma (B,) per sample and reflect padding, as torchvision's gaussian_blur."""
-    return _blur(x, _gaussian_kernels(sigma.to(x.device), kernel_size))
-
-
-def solarize(x, threshold=0.5):
-    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
-    return torch.where(x >= threshold, 1 - x, x)
-
-
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
-
-
 def _jitter_stage(x, f, bright, sat, out=None):
-    """One of ColorJitter's linear ops per sample (f, bright, sat: (B, 1, 1, 1)), as torchvision's:
-    brightness (bright: x * f), saturation (sat: the blend f * x + (1 - f) * grey) or contrast
-    (the blend with the mean grey), clamped to [0, 1]. Every sample takes both forms and keeps its
-    own: a few passes, no sync."""
+    """ColorJitter's brightness (bright), saturation (sat) or contrast per sample, f (B, 1, 1, 1)."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
     return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out for the device (CPU).
-
-    The hue is each sample's costly op, so all do it in one stage; the linear ops before it in a
-    sample's order go to stages 0-2 (left-aligned), those after it to stages 3-5 (right-aligned).
-    With the jittered samples first, sorted by the hue's place p, the samples of each stage are one
-    slice: stage k < 3 takes those with p > k (its op order[k]), stage 3 + k those with p <= k
-    (order[k + 1]). Returns the tensors (the batch's order and its inverse; per stage (B, 6) the
-    factor, brightness or saturation (else contrast); the hue factor) in that order, and on the
-    host the number of jittered samples and each stage's slice.
-    """
+    """ColorJitter's ops of each sample in its own order, laid out on the CPU: the costly hue one stage
+    for all, the ops before it stages 0-2, those after it 3-5. With the jittered samples first, by
+    the hue's place p, each stage is a slice: k < 3 takes p > k (order[k]), 3 + k p <= k (order[k + 1])."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -786,8 +551,7 @@ def _jitter_stages(factors, order, apply):
 
 
 def _jitter(x, params, bounds):
-    """ColorJitter from _jitter_stages' tensors (on x's device) and host bounds: each stage runs on its
-    slice of the batch put in _jitter_stages' order, in place; the batch's order is restored at the end."""
+    """ColorJitter from _jitter_stages' tensors and host bounds: each stage in place on its slice."""
     perm, back, f, bright, sat, hue = params
     m, slices = bounds
     x = x[perm]
@@ -799,33 +563,65 @@ def _jitter(x, params, bounds):
     return x[back]
 
 
-# ---------------------------------------------------------------------------------------------
-# Random parameters, sampled as torchvision does, from a seeded CPU generator
-# ---------------------------------------------------------------------------------------------
+def blur_kernel_size(size):
+    """Odd kernel of about 10% of the image: 23 at 224 px (CC's code), 13 at 128, 3 at 32 and below."""
+    k = max(3, int(0.1 * size))
+    return k + 1 - k % 2
+
+
+def _gaussian_kernels(sigma, kernel_size):
+    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
+    t = torch.arange(-(kernel_size // 2), kernel_size // 2 + 1, device=sigma.device)
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return k / k.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _reflect_index(n, kernel_size, device):
+    """(n, kernel_size): each tap's source pixel, reflected at the edges without repeating them."""
+    r = kernel_size // 2
+    src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
+    return torch.where(src > n - 1, 2 * (n - 1) - src, src)
+
+
+def blur(x, k):
+    """Each sample blurred with its kernel k (B, kernel_size), reflect padding, as torchvision's
+    gaussian_blur: a banded matrix per sample on rows and columns."""
+    n, size = x.shape[-1], k.shape[1]
+    m = torch.zeros(len(x), n, n, device=x.device)
+    m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
+    return m[:, None] @ x @ m.transpose(1, 2)[:, None]
+
+
+def solarize(x, threshold=0.5):
+    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return (x - _vector(tuple(mean), x.device)[:, None, None]) / _vector(tuple(std), x.device)[:, None, None]
+
+
+# --- Random parameters, sampled as torchvision does, from a seeded CPU generator
 
 def _uniform(shape, lo, hi, g):
     return lo + (hi - lo) * torch.rand(shape, generator=g)
 
 
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop boxes (n, 4) = (top, left, h, w): torchvision's 10 tries, then its fallback.
-
-    height, width: the original image's size, one for all or (n,) tensors, one per image. Each try:
-    area ~ U(scale) of the image, log aspect ~ U(log ratio); the first box that fits wins; if none
-    fits, the centre crop of the whole image clamped to the ratio range.
-    """
-    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]  # (n, 1)
-    width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
+    """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
+    (n,) tensors): torchvision's 10 tries, then its fallback."""
+    height, width = (torch.as_tensor(v, dtype=torch.float64).expand(n)[:, None] for v in (height, width))
     area = height * width * _uniform((n, 10), *scale, g)
     aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # first try that fits
+    first = fits.int().argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     height, width = height[:, 0], width[:, 0]
-    fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # fallback: too wide
-    fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)  # too tall
+    fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # the fallback
+    fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)
     found = fits.any(1)
     u = torch.rand(n, 2, generator=g).double()
     top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
@@ -834,39 +630,11 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return torch.stack([top, left, h, w], 1).long()
 
 
-def stored_boxes(boxes, sizes, stored):
-    """Boxes (n, 4) in pixels of originals of sizes (n, 2) = (height, width), as float boxes in the
-    images stored at stored x stored: the same part of each image (at least one stored pixel wide)."""
-    f = stored / sizes.to(torch.float32)  # (n, 2) stored pixels per original pixel
-    length = (boxes[:, 2:] * f).clamp(min=1.0)
-    start = torch.minimum(boxes[:, :2] * f, stored - length)
-    return torch.cat([start, length], 1)
-
-
-def sample_jitter(n, strengths, g):
-    """ColorJitter factors (n, 4) for brightness, contrast, saturation, hue, and a random order (n, 4).
-
-    Factors ~ U(max(0, 1 - s), 1 + s) (hue ~ U(-s, s)); each sample has its own permutation of the four ops.
-    """
-    b, c, s, h = strengths
-    lo = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h])
-    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    factors = lo + (hi - lo) * torch.rand(n, 4, generator=g)
-    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
-    return factors, order
-
-
 @dataclass(frozen=True)
 class View:
-    """One view's random transform, as data: each method file declares its recipe as two Views.
-
-    Applied in this order, each op with its own probability per sample: crop (RandomResizedCrop's
-    area scale; None = the whole image resized, the eval transform), horizontal flip, ColorJitter
-    (brightness, contrast, saturation, hue strengths, applied with p_jitter, its four ops in random
-    order), grayscale, Gaussian blur (sigma ~ U(sigma)), solarize (threshold 0.5), then normalise
-    with norm = (mean, std), or keep [0, 1] when None. Flip commutes with every later op, so a
-    recipe that flips last (BYOL's) gives the same images. The defaults do nothing.
-    """
+    """One view's random transform (a recipe is two). In this order, each with its own probability
+    per sample: crop (RandomResizedCrop's scale; None: the whole image), flip, ColorJitter (in random
+    order), grayscale, Gaussian blur, solarize (at 0.5), then normalise by norm = (mean, std)."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
@@ -879,7 +647,6 @@ class View:
 
     @property
     def random(self):
-        """False for a view with nothing to draw (the whole image resized and normalised)."""
         return self.crop is not None or any(p > 0 for p in (self.flip, self.p_jitter, self.p_grey, self.p_blur, self.p_solarize))
 
 
@@ -887,38 +654,22 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one View of n images, drawn in a fixed order from generator g (CPU)."""
+    """All random parameters of one View of n images, drawn in a fixed order from g (CPU)."""
+    coin = lambda p: torch.rand(n, generator=g) < p
+    b, c, s, h = view.jitter
+    lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
     whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
                                  torch.as_tensor(width).expand(n)], 1).long()  # the whole original
-    boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole()
-    flip = torch.rand(n, generator=g) < view.flip
-    jitter = torch.rand(n, generator=g) < view.p_jitter
-    factors, order = sample_jitter(n, view.jitter, g)
-    gray = torch.rand(n, generator=g) < view.p_grey
-    blur = torch.rand(n, generator=g) < view.p_blur
-    sigma = _uniform(n, *view.sigma, g)
-    solar = torch.rand(n, generator=g) < view.p_solarize
-    return dict(boxes=boxes, flip=flip, jitter=jitter, factors=factors, order=order, gray=gray, blur=blur,
-                sigma=sigma, solarize=solar)
+    return dict(boxes=sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole(),
+                flip=coin(view.flip), jitter=coin(view.p_jitter), factors=lo + (hi - lo) * torch.rand(n, 4, generator=g),
+                order=torch.argsort(torch.rand(n, 4, generator=g), dim=1), gray=coin(view.p_grey), blur=coin(view.p_blur),
+                sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))
 
 
 class Augmentation:
-    """Two random views of a batch of whole uint8 images on its own device, as a recipe of two Views
-    describes them.
-
-    recipe: (View, View), declared in each method file. The eval transform is the whole image
-    resized with the recipe's normalisation (both views must share it). The blur kernel is an odd
-    ~10% of image_size (23 at 224 px as in the papers, scaled down for smaller images as
-    torchvision users do).
-
-    Without a host sync: a batch's random parameters are drawn from the seeded CPU generator (as
-    torchvision draws them), turned into small per-sample tensors there, and sent in one
-    non-blocking copy (to_device); on the device each op runs on the whole batch, a sample that
-    skips it taking a parameter that leaves it unchanged (blur kernel [1], solarize threshold inf)
-    or torch.where keeping its input; the colour jitter runs each of its stages on a slice of the
-    batch, sorted on the CPU (_jitter_stages). On the CPU the views are bit for bit those of
-    running each op on its own samples.
-    """
+    """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View) says;
+    the eval transform is the whole image resized and normalised. The blur kernel is an odd ~10% of
+    image_size (23 at 224 px as in the papers). On the CPU: bit for bit each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -926,20 +677,15 @@ class Augmentation:
             raise ValueError(f"an augmentation recipe is two data.View, got {recipe!r}")
         if recipe[0].norm != recipe[1].norm:
             raise ValueError("the two views of a recipe must share the normalisation: the eval transform uses it")
-        self.recipe, self.size = recipe, image_size
-        self.kernel = blur_kernel_size(image_size)
-        self.norm = recipe[0].norm
+        self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None):
-        """x (B, 3, S, S) uint8 whole images, sizes (B, 2) their originals' (height, width) (None: S x S)
-        -> two float32 (B, 3, size, size) views on x's device.
-
-        extra: a function drawing more CPU tensors (e.g. PICI's masking noise) after the views'
-        parameters; they travel in the same copy and come back on the device as a third item."""
+        """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views;
+        extra() draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
         return self._views(x, generator, self.recipe, sizes, extra)
 
     def view(self, x, g, v, sizes=None):
-        """One View of the batch; a view with nothing random is the eval transform and draws nothing from g."""
+        """One View of the batch; one with nothing random is the eval transform and draws nothing."""
         return self._views(x, g, (v,), sizes)[0]
 
     def _views(self, x, g, views, sizes, extra=None):
@@ -952,18 +698,12 @@ class Augmentation:
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def _params(self, v, n, s, g, sizes):
-        """One View's random parameters for n images stored at s x s (CPU): the tensors _apply reads,
-        in its order, and the jitter's slices (host numbers)."""
+        """One View's parameters (CPU): the tensors _apply reads, in its order, and the jitter's slices."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
-        # original's width x height, as RandomResizedCrop on the full image, then cut from the same
-        # part of the stored square
-        boxes = stored_boxes(q["boxes"], sizes, s)
-        c, center, support, inside = _resize_grid(boxes[:, :2], boxes[:, 2:], s, self.size)  # rows, columns
-        # flip is applied with the crop (output columns in reverse order): it commutes with the colour
-        # ops, the symmetric blur and solarize, so BYOL's flip-last order gives the same images
-        center[:, 1] = torch.where(q["flip"][:, None], center[:, 1].flip(-1), center[:, 1])
-        p, host = [c, center, support, inside], None
+        # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
+        # with the colour ops, blur and solarize, so BYOL's flip-last order gives the same images
+        p, host = [*_crop_grid(q["boxes"], s, self.size, q["flip"], sizes)], None
         if v.p_jitter > 0:
             jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
             p += jitter
@@ -977,22 +717,18 @@ class Augmentation:
         return p, host
 
     def _apply(self, x, v, p, host):
-        """One View on x's device from _params' tensors and host numbers."""
         p = iter(p)
-        w = _resize_weights(*(next(p) for _ in range(4)))
-        x = _resample(x, w[:, 0], w[:, 1])
-        per_sample = lambda t: t.view(-1, 1, 1, 1)
+        x = _resample(x, _crop_weights(*(next(p) for _ in range(4))))
         if v.p_jitter > 0:
             x = _jitter(x, [next(p) for _ in range(6)], host)
         if v.p_grey > 0:
-            x = torch.where(per_sample(next(p)), rgb_to_grey(x), x)
+            x = torch.where(next(p).view(-1, 1, 1, 1), rgb_to_grey(x), x)
         if v.p_blur > 0:
-            x = _blur(x, next(p))
+            x = blur(x, next(p))
         if v.p_solarize > 0:
-            x = solarize(x, per_sample(next(p)))
+            x = solarize(x, next(p).view(-1, 1, 1, 1))
         return normalize(x, *v.norm) if v.norm else x
 
     def eval(self, x):
-        """Deterministic: the whole image resized to image_size, plus the recipe's normalisation."""
         x = resize(x, self.size)
         return normalize(x, *self.norm) if self.norm else x

@@ -44,21 +44,40 @@ def per_sample(fn, x, *params):
     return torch.stack([fn(x[i], *(p[i].item() for p in params)) for i in range(len(x))])
 
 
+def resized_crop(x, boxes, size, flip=None):
+    """Boxes of x resized to size x size (mirrored where flip), as the views crop: data's weights."""
+    return data._resample(x, data._crop_weights(*data._crop_grid(boxes.float(), x.shape[-1], size, flip)))
+
+
+def hflip(x, flip):
+    """Reference: torchvision's horizontal_flip of the images where flip is True."""
+    return torch.stack([TF.horizontal_flip(im) if f else im for im, f in zip(x, flip)])
+
+
+def linear_op(kind):
+    """ColorJitter's linear op `kind` (brightness, contrast or saturation) on every sample, as the
+    views run it (data._jitter_stage with the same kind for all)."""
+    def op(x, f):
+        flag = lambda k: torch.full((len(x), 1, 1, 1), kind == k)
+        return data._jitter_stage(x, f.view(-1, 1, 1, 1), flag("brightness"), flag("saturation"))
+    return op
+
+
 # --- ops against torchvision.transforms.v2.functional, same parameters --------------------------------
 
 @pytest.mark.parametrize("size", [20, 48, 80])  # down-scaling, same size, up-scaling
 def test_resized_crop(x, size):
     boxes = torch.tensor([[0, 0, 48, 48], [5, 3, 30, 41], [10, 20, 7, 9], [0, 40, 48, 8], [47, 47, 1, 1],
                           [2, 0, 45, 36]])
-    out = data.resized_crop(x, boxes, size)
+    out = resized_crop(x, boxes, size)
     ref = torch.stack([TF.resized_crop(x[i], *boxes[i].tolist(), [size, size], antialias=True) for i in range(len(x))])
     assert out.shape == (6, 3, size, size)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     flip = torch.tensor([True, False, False, True, True, False])
-    torch.testing.assert_close(data.resized_crop(x, boxes, size, flip=flip), data.hflip(ref, flip), atol=1e-5, rtol=0)
+    torch.testing.assert_close(resized_crop(x, boxes, size, flip=flip), hflip(ref, flip), atol=1e-5, rtol=0)
     # a uint8 input gives the same result in [0, 1]
     x8 = (x * 255).round().to(torch.uint8)
-    torch.testing.assert_close(data.resized_crop(x8, boxes, size), data.resized_crop(x8.float() / 255, boxes, size),
+    torch.testing.assert_close(resized_crop(x8, boxes, size), resized_crop(x8.float() / 255, boxes, size),
                                atol=1e-5, rtol=0)
 
 
@@ -71,16 +90,10 @@ def test_resize_is_eval_transform(x):
                                             data.IMAGENET_MEAN, data.IMAGENET_STD), atol=1e-4, rtol=0)
 
 
-def test_hflip(x):
-    flip = torch.tensor([True, False, True, False, False, True])
-    ref = torch.stack([TF.horizontal_flip(x[i]) if flip[i] else x[i] for i in range(6)])
-    assert torch.equal(data.hflip(x, flip), ref)
-
-
 @pytest.mark.parametrize("op,ref,factors", [
-    (data.adjust_brightness, TF.adjust_brightness, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
-    (data.adjust_contrast, TF.adjust_contrast, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
-    (data.adjust_saturation, TF.adjust_saturation, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
+    (linear_op("brightness"), TF.adjust_brightness, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
+    (linear_op("contrast"), TF.adjust_contrast, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
+    (linear_op("saturation"), TF.adjust_saturation, [0.0, 0.2, 0.9, 1.0, 1.5, 1.8]),
     (data.adjust_hue, TF.adjust_hue, [-0.5, -0.2, -0.01, 0.0, 0.17, 0.5]),
 ])
 def test_color_ops(x, op, ref, factors):
@@ -98,7 +111,7 @@ def test_hue_special_pixels():
 
 
 def test_grayscale_solarize_normalize(x):
-    torch.testing.assert_close(data.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(data.rgb_to_grey(x).expand_as(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
     assert torch.equal(data.solarize(x, 0.5), TF.solarize(x, 0.5))
     torch.testing.assert_close(data.normalize(x), TF.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD))
 
@@ -107,7 +120,7 @@ def test_grayscale_solarize_normalize(x):
 def test_gaussian_blur(x, kernel):
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 3.7])
     ref = torch.stack([TF.gaussian_blur(x[i], [kernel, kernel], [sigma[i].item()] * 2) for i in range(6)])
-    torch.testing.assert_close(data.gaussian_blur(x, kernel, sigma), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.blur(x, data._gaussian_kernels(sigma, kernel)), ref, atol=1e-5, rtol=0)
 
 
 def test_blur_kernel_size():

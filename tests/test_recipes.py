@@ -108,7 +108,8 @@ def test_authors_recipe_changes_exactly_the_listed_settings(dataset):
     # PICI: the training script's two strong BYOL views (view a was the whole image, view b gains solarize);
     # fixed sin-cos positions (models_mae.py); CLI (cross_level_interaction.py, train_pici.py): pseudo-labels
     # once, at the first boosting epoch, from the features of masked inputs, min-max scaled per batch,
-    # k-means with 100 inits, renamed batch by batch, CrossEntropyLoss on the softmax output; boosting in one fixed order
+    # k-means with 100 inits, renamed batch by batch, CrossEntropyLoss on the softmax output; boosting
+    # in one order drawn once (its sampler), the last partial batch dropped
     weak, strong = pici.recipe("paper", dataset)["views"]
     assert differences(pici, dataset) == {
         ("a", "crop"): (None, (0.08, 1.0)), ("a", "flip"): (0.0, 0.5), ("a", "jitter"): ((0.0,) * 4, (0.4, 0.4, 0.2, 0.1)),
