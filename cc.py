@@ -25,7 +25,6 @@ Usage: python cc.py --dataset cifar10 --epochs 1000
        python cc.py --dataset cifar10 --views aug-raw     (Table 3)      --heads instance   (Table 4)
        python cc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
-import time
 from dataclasses import dataclass
 
 import torch
@@ -163,15 +162,15 @@ def cluster_loss(p_a, p_b, temperature, eps=1e-8):
     return contrastive + entropy  # Eq. (6)
 
 
-def evaluate(model, images, aug, env, num_clusters, seed):
+def evaluate(model, images, aug, run, num_clusters, seed):
     """Cluster = argmax of the cluster head on the deterministic eval view (the whole image resized);
     without a cluster head, k-means on the instance head's features (CC paper, Sec. 4.4.2)."""
     model.eval()
     if model.cluster_head is None:
-        out = common.predict(lambda x: {"z": model.instance_head(model.backbone(x))}, images, aug.eval, env)
+        out = common.predict(lambda x: {"z": model.instance_head(model.backbone(x))}, images, aug.eval, run)
         model.train()
         return common.kmeans(out["z"], num_clusters, seed)
-    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
+    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, run)
     model.train()
     conf, pred = out["p"].max(dim=1)
     return pred, conf
@@ -179,87 +178,63 @@ def evaluate(model, images, aug, env, num_clusters, seed):
 
 def main(argv=None):
     args = common.parse_args(Args, argv, description=__doc__, method="cc")
-    env = common.Env(args, "cc")
-    run_path = common.run_dir(args, "cc")  # made only when training starts: a start that fails leaves nothing behind
-    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
-    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and args.heads != "cluster")
+    run = common.Run(args, "cc")  # device, precision, rank; the run folder, made only when training starts
+    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and args.heads != "cluster")
     augmented = recipe(args.recipe, ds.name)["views"]
     raw = data.View(norm=augmented[0].norm)  # Table 3's x: nothing random, the whole image resized as at evaluation
     views = {"aug-aug": augmented, "aug-raw": (augmented[0], raw), "raw-raw": (raw, raw)}[args.views]
     terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]  # Table 4
     aug = data.Augmentation(views, args.image_size)
     unlabeled = ds.unlabeled  # None but for STL-10 (it trains the instance head: none without one)
-    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim, args.heads), env,
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim, args.heads), run,
                                 channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
-    optimizer = common.adam(model.parameters(), args.lr, env)
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    common.header(logger, "CC", ds, env, model, run_path)
-
-    state = common.load_checkpoint(args, "cc", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
-    start_epoch = common.restore(state, model, optimizer, env, gen)
-    if state:
-        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
-    common.open_run(run_path, args, env, start_epoch)
-    images = common.place_images(ds.images, args.data_on_device, env)
-    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
-                               lambda epoch: common.checkpoint_state("cc", model, optimizer, env, epoch, gen, args))
-
-    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate (Sec. 4.2)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
+    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
+    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
+    start_epoch, _ = run.start("CC", ds, model, optimizer, scaler, gen)  # --eval-only's or --resume's checkpoint, if any
+    images = common.place_images(ds.images, args.data_on_device, run)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
-    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
+
+    def step(loss):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-            t0, steps = time.perf_counter(), 0
-            totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
+            totals = torch.zeros(len(terms), device=run.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (Sec. 4.1)
-                for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps):
+                for x, _, _ in run.progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=run.rank,
+                                                         world_size=run.world_size, device=run.device), epoch, epoch_steps):
                     x_a, x_b = aug.views(x, gen)
-                    with env.autocast():
+                    with autocast:
                         z_a, _ = net(x_a)
                         z_b, _ = net(x_b)
-                    z_a, z_b = common.gather(z_a, z_b, env=env)
-                    env.step(instance_loss(z_a, z_b, args.instance_temperature), optimizer)
-            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps, totals):
+                    step(instance_loss(*common.gather(z_a, z_b), args.instance_temperature))
+            for x, _, idx in run.progress(data.batches(images, None, args.batch_size, generator=gen, rank=run.rank,
+                                                       world_size=run.world_size, device=run.device), epoch, epoch_steps, totals):
                 x_a, x_b = aug.views(x, gen, ds.sizes[idx])
-                with env.autocast():
+                with autocast:
                     z_a, p_a = net(x_a)  # two backbone calls, as the authors' code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
                 losses = []
-                if "instance" in terms:
-                    z_a, z_b = common.gather(z_a, z_b, env=env)  # the global batch, with gradients
-                    losses.append(instance_loss(z_a, z_b, args.instance_temperature))
+                if "instance" in terms:  # the global batch, with gradients
+                    losses.append(instance_loss(*common.gather(z_a, z_b), args.instance_temperature))
                 if "cluster" in terms:
-                    p_a, p_b = common.gather(p_a, p_b, env=env)
-                    losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
+                    losses.append(cluster_loss(*common.gather(p_a, p_b), args.cluster_temperature))
                 losses = torch.stack(losses)
-                env.step(losses.sum(), optimizer)  # Eq. (7)
+                step(losses.sum())  # Eq. (7)
                 totals += losses.detach()
-                steps += 1
+            run.epoch_done(epoch, totals, terms, lambda: evaluate(model, images, aug, run, ds.num_classes, args.seed))
 
-            means = (totals / steps).tolist()
-            seconds = time.perf_counter() - t0
-            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
-            record = {"epoch": epoch + 1, "loss": sum(means), **{f"loss_{t}": m for t, m in zip(terms, means)},
-                      "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
-            if not torch.isfinite(torch.tensor(record["loss"])):
-                common.fail_nonfinite(epoch + 1, run_path)
-            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-                pred, _ = evaluate(model, images, aug, env, ds.num_classes, args.seed)
-                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
-            logger.log(record)
-            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
-            done = epoch + 1
-
-    if env.is_main:
-        pred, conf = evaluate(model, images, aug, env, ds.num_classes, args.seed)
+    if run.is_main:
+        pred, conf = evaluate(model, images, aug, run, ds.num_classes, args.seed)
         if args.export_features:  # what evaluate clusters: the cluster head's input, or k-means' features
             features = model.backbone if model.cluster_head is not None else lambda x: model.instance_head(model.backbone(x))
-            common.export_features(run_path, features, model, images, aug.eval, env)
-        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
-                      wall_seconds=time.perf_counter() - wall_start)
+            common.export_features(run, features, model, images, aug.eval)
+        run.finish(pred, conf)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def make_image_folder(folder, classes=8, per_class=32, size=(48, 40), ext=".jpg"
     return folder
 
 
+def make_run(folder, **kw):
+    """A common.Run of cc.py on the CPU, its folder <folder>/run (not made yet): for tests of the run's parts."""
+    import cc
+    import common
+
+    return common.Run(cc.Args(**{"device": "cpu", "out_dir": str(folder), "run_name": "run", **kw}), "cc")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item, so the fixture below knows whether the test passed."""

@@ -30,7 +30,6 @@ Usage: python dcsc.py --dataset cifar10 --epochs 1000
        python dcsc.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -214,12 +213,12 @@ def cr_loss(c_a, c_b, eps=1e-8):
     return loss
 
 
-def evaluate(model, images, aug, env, kmeans_clusters=None, seed=1):
+def evaluate(model, images, aug, run, kmeans_clusters=None, seed=1):
     """Cluster = argmax of the cluster head on the deterministic eval view (the whole image resized); without the
     cluster- or the semantic-level loss, k-means on the instance head's features (DCSC paper, Sec. 4.4.1)."""
     model.eval()
     head = model.cluster_head if kmeans_clusters is None else model.instance_head
-    out = common.predict(lambda x: {"y": head(model.backbone(x))}, images, aug.eval, env)
+    out = common.predict(lambda x: {"y": head(model.backbone(x))}, images, aug.eval, run)
     model.train()
     if kmeans_clusters is not None:
         return common.kmeans(out["y"], kmeans_clusters, seed)
@@ -230,87 +229,65 @@ def evaluate(model, images, aug, env, kmeans_clusters=None, seed=1):
 def main(argv=None):
     args = common.parse_args(Args, argv, description=__doc__, method="dcsc")
     common.check(args.overcluster is None or args.overcluster >= 2, f"--overcluster must be at least 2, got {args.overcluster}")
-    env = common.Env(args, "dcsc")
-    run_path = common.run_dir(args, "dcsc")  # made only when training starts: a start that fails leaves nothing behind
-    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
+    run = common.Run(args, "dcsc")  # device, precision, rank; the run folder, made only when training starts
     use = {part: args.ablate != part for part in ("flc", "clc", "slc")}
-    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and use["flc"])
+    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and use["flc"])
     aug = data.Augmentation(recipe(args.recipe, ds.name)["views"], args.image_size)
     unlabeled = ds.unlabeled  # None but for STL-10
     overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
     # Sec. 4.4.1: "K-means is performed ... in the embedding feature space ... after removing the CLC/SLC loss"
     kmeans_clusters = ds.num_classes if args.ablate in ("clc", "slc") else None
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim, overcluster,
-                                        predictor=args.ablate != "predictor", bn=args.ablate != "bn"), env,
+                                        predictor=args.ablate != "predictor", bn=args.ablate != "bn"), run,
                                 channels_last=True, compile=args.compile, find_unused=not all(use.values()) or unlabeled is not None)
-    optimizer = common.adam(model.parameters(), args.lr, env)
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    common.header(logger, "DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, env, model, run_path)
-
-    state = common.load_checkpoint(args, "dcsc", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
-    start_epoch = common.restore(state, model, optimizer, env, gen)
-    if state:
-        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
-    common.open_run(run_path, args, env, start_epoch)
-    images = common.place_images(ds.images, args.data_on_device, env)
-    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
-                               lambda epoch: common.checkpoint_state("dcsc", model, optimizer, env, epoch, gen, args))
-
-    zero = torch.zeros((), device=env.device)
-    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
+    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
+    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
+    start_epoch, _ = run.start("DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, model, optimizer, scaler, gen)
+    images = common.place_images(ds.images, args.data_on_device, run)
+    zero = torch.zeros((), device=run.device)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
-    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
+
+    def step(loss):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-            t0, steps = time.perf_counter(), 0
-            totals = torch.zeros(4, device=env.device)  # read once per epoch: no per-step sync
+            totals = torch.zeros(4, device=run.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains Fproj only, as in CC
-                for x, _, _ in progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                        device=env.device), epoch, epoch_steps):
+                for x, _, _ in run.progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=run.rank,
+                                                         world_size=run.world_size, device=run.device), epoch, epoch_steps):
                     x_a, x_b = aug.views(x, gen)
-                    with env.autocast():
+                    with autocast:
                         z_a = net(x_a)[0]
                         z_b = net(x_b)[0]
-                    z_a, z_b = common.gather(z_a, z_b, env=env)
-                    env.step(flc_loss(z_a, z_b, args.instance_temperature), optimizer)
-            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps, totals, weights=[1, 1, 1, args.cr_weight]):
+                    step(flc_loss(*common.gather(z_a, z_b), args.instance_temperature))
+            for x, _, idx in run.progress(data.batches(images, None, args.batch_size, generator=gen, rank=run.rank, world_size=run.world_size,
+                                                       device=run.device), epoch, epoch_steps, totals, weights=[1, 1, 1, args.cr_weight]):
                 x_a, x_b = aug.views(x, gen, ds.sizes[idx])
-                with env.autocast():
+                with autocast:
                     z_a, c_a, p_a, q_a = net(x_a)  # two backbone calls, as CC's code: BatchNorm statistics per view
                     z_b, c_b, p_b, q_b = net(x_b)
-                z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b = common.gather(z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b, env=env)
+                z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b = common.gather(z_a, z_b, c_a, c_b, p_a, p_b, q_a, q_b)
                 loss_flc = flc_loss(z_a, z_b, args.instance_temperature) if use["flc"] else zero
                 loss_clc = clc_loss(c_a, c_b, args.cluster_temperature) if use["clc"] else zero
                 loss_slc = slc_loss(p_a, q_a, p_b, q_b, args.semantic_temperature, args.slc_similarity) if use["slc"] else zero
                 loss_cr = cr_loss(c_a, c_b) if use["clc"] else zero  # CR regularises Cproj: it goes with CLC
-                env.step(loss_flc + loss_clc + loss_slc + args.cr_weight * loss_cr, optimizer)  # Eq. (3.7)
+                step(loss_flc + loss_clc + loss_slc + args.cr_weight * loss_cr)  # Eq. (3.7)
                 totals += torch.stack([loss_flc.detach(), loss_clc.detach(), loss_slc.detach(), loss_cr.detach()])
-                steps += 1
+            run.epoch_done(epoch, totals, ["flc", "clc", "slc", "cr"], lambda: evaluate(model, images, aug, run, kmeans_clusters, args.seed),
+                           weights=[1, 1, 1, args.cr_weight])
 
-            loss_flc, loss_clc, loss_slc, loss_cr = (totals / steps).tolist()
-            seconds = time.perf_counter() - t0
-            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
-            record = {"epoch": epoch + 1, "loss": loss_flc + loss_clc + loss_slc + args.cr_weight * loss_cr, "loss_flc": loss_flc,
-                      "loss_clc": loss_clc, "loss_slc": loss_slc, "loss_cr": loss_cr, "lr": args.lr,
-                      "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
-            if not torch.isfinite(torch.tensor(record["loss"])):
-                common.fail_nonfinite(epoch + 1, run_path)
-            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-                pred, _ = evaluate(model, images, aug, env, kmeans_clusters, args.seed)
-                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
-            logger.log(record)
-            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
-            done = epoch + 1
-
-    if env.is_main:
-        pred, conf = evaluate(model, images, aug, env, kmeans_clusters, args.seed)
+    if run.is_main:
+        pred, conf = evaluate(model, images, aug, run, kmeans_clusters, args.seed)
         if args.export_features:  # what evaluate clusters: the cluster head's input, or k-means' features
             features = model.backbone if kmeans_clusters is None else lambda x: model.instance_head(model.backbone(x))
-            common.export_features(run_path, features, model, images, aug.eval, env)
-        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
-                      wall_seconds=time.perf_counter() - wall_start)
+            common.export_features(run, features, model, images, aug.eval)
+        run.finish(pred, conf)
 
 
 if __name__ == "__main__":

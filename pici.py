@@ -59,7 +59,6 @@ Usage: python pici.py --dataset ucmerced --epochs 1050
        python pici.py --image-size 32 --epochs 3 --batch-size 96   (quick look on digits, CPU: one epoch per stage)
 """
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
@@ -273,17 +272,17 @@ def pseudo_labels(z, p, num_clusters, seed, n_init=10, normalize=True, match=Tru
     return match_labels(pseudo, p.argmax(dim=1), num_clusters) if match else pseudo  # Eq. (14) and the matching
 
 
-def embed(model, images, transform, env):
+def embed(model, images, transform, run):
     """Instance features and cluster probabilities of every image under `transform` (a uint8 batch
     to the model's input), unmasked (no masking at test, Sec. 4.1), eval mode."""
     fn = lambda x: {k: v for k, v in zip("zp", model(x)[:2]) if v is not None}
     model.eval()
-    out = common.predict(fn, images, transform, env)
+    out = common.predict(fn, images, transform, run)
     model.train()
     return out
 
 
-def cli_features(model, images, sizes, view, env, generator, mask_ratio=0.0, order=None, chunk=512, minmax=False):
+def cli_features(model, images, sizes, view, run, generator, mask_ratio=0.0, order=None, chunk=512, minmax=False):
     """Instance features and cluster probabilities (CPU fp32, dataset order) of every image under
     `view` (a function of a uint8 batch and its originals' sizes, so random crops are drawn in the
     original frame as in training), eval mode, `chunk` images at a time in `order` (default: dataset
@@ -295,8 +294,8 @@ def cli_features(model, images, sizes, view, env, generator, mask_ratio=0.0, ord
     model.eval()
     with torch.no_grad():
         for idx in order.split(chunk):
-            x = view(images[idx.to(images.device)].to(env.device, non_blocking=True), sizes[idx])
-            with env.autocast():
+            x = view(images[idx.to(images.device)].to(run.device, non_blocking=True), sizes[idx])
+            with run.autocast():
                 z, p = model(x, mask_ratio, generator)[:2]
             z = z.float().cpu()
             if minmax:
@@ -309,7 +308,7 @@ def cli_features(model, images, sizes, view, env, generator, mask_ratio=0.0, ord
     return torch.cat(zs)[back], torch.cat(ps)[back]
 
 
-def cli_targets(model, images, sizes, aug, env, num_clusters, seed, generator, per_view=True, settings=RECIPES["paper"],
+def cli_targets(model, images, sizes, aug, run, num_clusters, seed, generator, per_view=True, settings=RECIPES["paper"],
                 mask_ratio=0.5, batch_size=96, order=None):
     """CLI's pseudo-labels (PICI paper, Sec. 3.3, Eq. 12-14) over the dataset: for each view k,
     k-means on the instance features of every image under that view (the weak view as it is, a random
@@ -325,7 +324,7 @@ def cli_targets(model, images, sizes, aug, env, num_clusters, seed, generator, p
     order = torch.arange(len(images)) if order is None else order
     targets, agreement = [], []
     for view in views:
-        z, p = cli_features(model, images, sizes, view, env, generator, mask_ratio if settings["masked"] else 0.0, order,
+        z, p = cli_features(model, images, sizes, view, run, generator, mask_ratio if settings["masked"] else 0.0, order,
                             batch_size if minmax else 512, minmax)
         targets.append(pseudo_labels(z, p, num_clusters, seed, settings["kmeans_inits"], normalize=not minmax,
                                      match=settings["match"] == "dataset"))
@@ -353,10 +352,10 @@ def match_batch(targets, p):
     return rename[pseudo].to(targets.device)
 
 
-def evaluate(model, images, aug, env, num_clusters, seed):
+def evaluate(model, images, aug, run, num_clusters, seed):
     """Cluster = argmax of the cluster-MLP (Algorithm 1, lines 18-20); without a cluster-MLP, k-means
     on the instance-MLP's features (PICI paper, Sec. 4.4.3)."""
-    out = embed(model, images, aug.eval, env)
+    out = embed(model, images, aug.eval, run)
     if "p" not in out:
         return common.kmeans(out["z"], num_clusters, seed)
     conf, pred = out["p"].max(dim=1)
@@ -397,120 +396,96 @@ def main(argv=None):
     common.check(0 <= args.mask_ratio < 1 and keep >= 1 and (keep < (args.image_size // 16) ** 2 or not pisd),
                  f"--mask-ratio {args.mask_ratio} must remove at least one of the {(args.image_size // 16) ** 2} patches and keep one: use e.g. 0.5")
     common.check(args.heads == "both" or not cli, f"--heads {args.heads}: CLI needs both heads (pseudo-labels from one, targets for the other): add --ablate cli")
-    env = common.Env(args, "pici")
-    run_path = common.run_dir(args, "pici")  # made only when training starts: a start that fails leaves nothing behind
-    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
-    ds = common.load_data(args, env)
+    run = common.Run(args, "pici")  # device, precision, rank; the run folder, made only when training starts
+    ds = common.load_data(args, run)
     settings = recipe(args.recipe)
     aug = data.Augmentation(settings["views"], args.image_size)
     # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
-    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads, settings["positions"]), env,
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.feature_dim, args.heads, settings["positions"]), run,
                                 compile=args.compile, find_unused=True)
-    optimizer = common.adam(model.parameters(), args.lr, env)  # one optimiser for all three stages
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation and masking, a stream per process; rank 0's draws the shared shuffle
-    common.header(logger, "PICI", ds, env, model, run_path)
-
-    state = common.load_checkpoint(args, "pici", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
-    common.check(state is None or all(state["args"][k] == getattr(args, k) for k in ("heads", "vit", "ablate")),
-                 "the checkpoint was trained with other --heads/--vit/--ablate: pass the values it was trained with")
-    start_epoch = common.restore(state, model, optimizer, env, gen)
-    if state:
-        common.check(args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
-                     f"the checkpoint's epoch {start_epoch} was in stage {state['stage']}, this schedule {lengths} puts it in "
-                     f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {tuple(state['stages'])}")
-        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch} (stage {state['stage']})")
-    common.open_run(run_path, args, env, start_epoch)
-    images = common.place_images(ds.images, args.data_on_device, env)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # one for all three stages; no weight decay
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
+    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
+    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation and masking, a stream per process; rank 0's draws the shared shuffle
+    start_epoch, state = run.start("PICI", ds, model, optimizer, scaler, gen, same=("heads", "vit", "ablate"),  # --eval-only's or --resume's
+                                   extra=lambda epoch: dict(stages=list(lengths), stage=stage_of(epoch - 1, lengths) if epoch else None,
+                                                            cli_targets=targets))  # kept: `--recipe authors` labels once
+    common.check(not state or args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
+                 f"the checkpoint's epoch {start_epoch} was in stage {state and state['stage']}, this schedule {lengths} puts it in "
+                 f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {state and tuple(state['stages'])}")
+    images = common.place_images(ds.images, args.data_on_device, run)
     active = {"pisd": pisd, "instance": args.heads != "cluster", "cluster": args.heads != "instance", "cli": cli}
     stage_terms = {stage: [t for t in terms if active[t]] for stage, terms in STAGES.items()}  # the losses of each stage
     ends = [sum(lengths[:i + 1]) for i in range(3)]  # last epoch (1-based) of each stage
     for (stage, terms), n, end in zip(stage_terms.items(), lengths, ends):
-        logger.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
-    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
-                               lambda epoch: common.checkpoint_state("pici", model, optimizer, env, epoch, gen, args, stages=list(lengths),
-                                                                     stage=stage_of(epoch - 1, lengths) if epoch else None,
-                                                                     cli_targets=targets))  # kept: `--recipe authors` labels once
-
-    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
+        run.print(f"stage {stage}: {n} epochs ({end - n + 1}-{end}), losses {' + '.join(terms)}" if n else f"stage {stage}: skipped (0 epochs)")
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
     # `--recipe authors` boosts in one random order drawn once (their boosting loader's sampler): a
     # generator seeded alike each epoch gives data.batches the same order, and k-means labels the
     # images it batches (the last N mod batch are never clustered or trained on while boosting)
     fixed_order = lambda: torch.Generator().manual_seed(args.seed + 1_000_003)
     boost_order = torch.randperm(len(images), generator=fixed_order())[:epoch_steps * args.batch_size]
-    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
     targets = state.get("cli_targets") if state else None  # CLI's pseudo-labels, (2, N): one row per view
-    targets = targets.to(env.device) if targets is not None else None
-    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
+    targets = targets.to(run.device) if targets is not None else None
+
+    with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
             stage = stage_of(epoch, lengths)
             terms = stage_terms[stage]
             parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting
-            t0, steps, extra = time.perf_counter(), 0, {}
+            extra = {}
             if "cli" in terms and (settings["relabel"] == "every epoch" or targets is None):  # Eq. (12)-(14); authors: once
-                targets = torch.empty(2, len(ds.images), dtype=torch.long, device=env.device)  # per view
-                if env.is_main:
-                    t, extra["cli_agreement"] = cli_targets(model, images, ds.sizes, aug, env, ds.num_classes, args.seed + epoch, gen,
+                targets = torch.empty(2, len(ds.images), dtype=torch.long, device=run.device)  # per view
+                if run.is_main:
+                    t, extra["cli_agreement"] = cli_targets(model, images, ds.sizes, aug, run, ds.num_classes, args.seed + epoch, gen,
                                                             args.cli_targets == "per-view", settings, args.mask_ratio, args.batch_size,
                                                             boost_order if settings["boost_order"] == "fixed" else None)
                     targets.copy_(t)
-                if env.distributed:
+                if run.distributed:
                     torch.distributed.broadcast(targets, src=0)
-            totals = torch.zeros(len(terms), device=env.device)  # read once per epoch: no per-step sync
+            totals = torch.zeros(len(terms), device=run.device)  # read once per epoch: no per-step sync
             order = fixed_order() if stage == "boost" and settings["boost_order"] == "fixed" else gen
-            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=order, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps, totals):
+            for x, _, idx in run.progress(data.batches(images, None, args.batch_size, generator=order, rank=run.rank,
+                                                       world_size=run.world_size, device=run.device), epoch, epoch_steps, totals):
                 # the two masks' noise, drawn after the views' parameters, and the batch's indices (CLI's
                 # targets) travel to the device in the views' one copy
                 masks = (2, len(x), model.backbone.num_patches if args.mask_ratio > 0 else 0)
                 x_a, x_b, (noise, idx) = aug.views(x, gen, ds.sizes[idx], extra=lambda: (torch.rand(masks, generator=gen), idx))
-                with env.autocast():  # two encoder calls, each with its own random mask (Sec. 3.2.1)
+                with autocast:  # two encoder calls, each with its own random mask (Sec. 3.2.1)
                     z_a, p_a, pixels_a, mask_a = net(x_a, args.mask_ratio, noise=noise[0], **parts)
                     z_b, p_b, pixels_b, mask_b = net(x_b, args.mask_ratio, noise=noise[1], **parts)
                 losses = []
                 if "pisd" in terms:  # target: the normalised view the encoder saw, patch by patch
                     losses.append((reconstruction_loss(pixels_a, common.patchify(x_a), mask_a)
                                    + reconstruction_loss(pixels_b, common.patchify(x_b), mask_b)) / 2)  # Eq. (1)
-                if "instance" in terms:
-                    z_a, z_b = common.gather(z_a, z_b, env=env)  # the global batch, with gradients
+                if "instance" in terms:  # the global batch, with gradients
+                    z_a, z_b = common.gather(z_a, z_b)
                     losses.append(instance_loss(z_a, z_b, args.instance_temperature))
                 if "cluster" in terms:
-                    p_a, p_b = common.gather(p_a, p_b, env=env)
+                    p_a, p_b = common.gather(p_a, p_b)
                     losses.append(cluster_loss(p_a, p_b, args.cluster_temperature))
                 if "cli" in terms:
-                    t_a, t_b = common.gather(*targets[:, idx], env=env)
+                    t_a, t_b = common.gather(*targets[:, idx])
                     if settings["match"] == "batch":  # the authors' code: renamed to this batch's argmax (reads the batch back)
                         t_a, t_b = match_batch(t_a, p_a), match_batch(t_b, p_b)
                     losses.append(cli_loss(p_a, p_b, t_a, t_b, settings["softmax_twice"]))
                 losses = torch.stack(losses)
-                env.step(losses.sum(), optimizer)  # Algorithm 1, lines 6, 11, 16
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses.sum()).backward()  # Algorithm 1, lines 6, 11, 16
+                scaler.step(optimizer)
+                scaler.update()
                 totals += losses.detach()
-                steps += 1
-
-            means = (totals / steps).tolist()
-            seconds = time.perf_counter() - t0  # pseudo-labelling included: it is part of training
-            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
-            record = {"epoch": epoch + 1, "stage": stage, "loss": sum(means), **{f"loss_{t}": m for t, m in zip(terms, means)},
-                      **extra, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
-            if not torch.isfinite(torch.tensor(record["loss"])):
-                common.fail_nonfinite(epoch + 1, run_path)
             # every stage's end, and every boosting epoch: the spread the authors' best-ACC checkpoint was picked from
             evaluate_now = (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 in ends or stage == "boost"
-            if env.is_main and evaluate_now and (epoch + 1 < args.epochs or stage == "boost"):
-                pred, _ = evaluate(model, images, aug, env, ds.num_classes, args.seed)
-                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
-            logger.log(record)
-            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
-            done = epoch + 1
+            run.epoch_done(epoch, totals, terms, lambda: evaluate(model, images, aug, run, ds.num_classes, args.seed), stage=stage,
+                           evaluate_now=evaluate_now and (epoch + 1 < args.epochs or stage == "boost"), **extra)
 
-    if env.is_main:
-        pred, conf = evaluate(model, images, aug, env, ds.num_classes, args.seed)
+    if run.is_main:
+        pred, conf = evaluate(model, images, aug, run, ds.num_classes, args.seed)
         if args.export_features:  # what evaluate clusters: the cluster-MLP's input, or k-means' features
             features = model.backbone if model.cluster_head is not None else lambda x: model(x)[0]
-            common.export_features(run_path, features, model, images, aug.eval, env)
-        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
-                      wall_seconds=time.perf_counter() - wall_start)
+            common.export_features(run, features, model, images, aug.eval)
+        run.finish(pred, conf)
 
 
 if __name__ == "__main__":

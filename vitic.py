@@ -35,7 +35,6 @@ Usage: python vitic.py --dataset cifar10 --epochs 1000
        python vitic.py --image-size 32 --epochs 10 --batch-size 128   (quick look on digits, CPU)
 """
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
@@ -183,10 +182,10 @@ def training_images(ds):
     return torch.cat([ds.images, ds.unlabeled]), torch.cat([ds.sizes, ds.sizes[:1].expand(len(ds.unlabeled), 2)])
 
 
-def evaluate(model, images, aug, env):
+def evaluate(model, images, aug, run):
     """Cluster = argmax of the cluster head on the deterministic eval view: the whole image resized."""
     model.eval()
-    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, env)
+    out = common.predict(lambda x: {"p": model.cluster_head(model.backbone(x))}, images, aug.eval, run)
     model.train()
     conf, pred = out["p"].max(dim=1)
     return pred, conf
@@ -195,71 +194,47 @@ def evaluate(model, images, aug, env):
 def main(argv=None):
     args = common.parse_args(Args, argv, description=__doc__, method="vitic")
     common.check(args.image_size % 16 == 0, f"--image-size must be a multiple of 16 (the conv stem down-samples by 16), got {args.image_size}: use e.g. 32, 64 or 128")
-    env = common.Env(args, "vitic")
-    run_path = common.run_dir(args, "vitic")  # made only when training starts: a start that fails leaves nothing behind
-    logger = common.Logger(run_path, env, tensorboard=args.tensorboard)
-    ds = common.load_data(args, env, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
+    run = common.Run(args, "vitic")  # device, precision, rank; the run folder, made only when training starts
+    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
     settings = recipe(args.recipe)
     aug = data.Augmentation(settings["views"], args.image_size)
-    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), env,
+    model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), run,
                                 channels_last=True, compile=args.compile)
-    optimizer = common.adam(model.parameters(), args.lr, env)
-    gen = torch.Generator().manual_seed(args.seed + env.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    common.header(logger, "ViT-IC", ds, env, model, run_path)
-
-    state = common.load_checkpoint(args, "vitic", run_path, logger)  # --eval-only's or --resume's; None: a fresh start
-    start_epoch = common.restore(state, model, optimizer, env, gen)
-    if state:
-        logger.print(f"{'evaluating the checkpoint of' if args.eval_only else 'resumed from'} epoch {start_epoch}")
-    common.open_run(run_path, args, env, start_epoch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
+    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
+    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
+    start_epoch, _ = run.start("ViT-IC", ds, model, optimizer, scaler, gen)  # --eval-only's or --resume's checkpoint, if any
     train_images, train_sizes = training_images(ds)  # STL-10: the labeled and unlabeled images, shuffled together
     ds.unlabeled = None  # held once, in train_images
-    images = common.place_images(train_images, args.data_on_device, env)
+    images = common.place_images(train_images, args.data_on_device, run)
     evaluated = images[:len(ds.images)]  # the labeled images, first in train_images (and on the GPU with them)
-    ckpt = common.Checkpointer(run_path / "checkpoint.pt", env, args, start_epoch,
-                               lambda epoch: common.checkpoint_state("vitic", model, optimizer, env, epoch, gen, args))
-
-    progress = common.Progress(args.epochs, args.batch_size, logger)  # the live line inside each epoch
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
-    wall_start, train_seconds, seen, done = time.perf_counter(), 0.0, 0, start_epoch
-    with common.stop_safely(ckpt, logger):  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
+
+    with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-            t0, steps = time.perf_counter(), 0
-            totals = torch.zeros(2, device=env.device)  # read once per epoch: no per-step sync
-            for x, _, idx in progress(data.batches(images, None, args.batch_size, generator=gen, rank=env.rank, world_size=env.world_size,
-                                    device=env.device), epoch, epoch_steps, totals):
+            totals = torch.zeros(2, device=run.device)  # read once per epoch: no per-step sync
+            for x, _, idx in run.progress(data.batches(images, None, args.batch_size, generator=gen, rank=run.rank,
+                                                       world_size=run.world_size, device=run.device), epoch, epoch_steps, totals):
                 x_a, x_b = aug.views(x, gen, train_sizes[idx])
-                with env.autocast():
+                with autocast:
                     z_a, p_a = net(x_a)  # two backbone calls, as the author's code: BatchNorm statistics per view
                     z_b, p_b = net(x_b)
-                z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b, env=env)  # the global batch, with gradients
+                z_a, z_b, p_a, p_b = common.gather(z_a, z_b, p_a, p_b)  # the global batch, with gradients
                 loss_instance = instance_loss(z_a, z_b, args.instance_temperature, settings["normalize"])
                 loss_cluster = cluster_loss(p_a, p_b, args.cluster_temperature)
-                env.step(loss_instance + loss_cluster, optimizer)  # Eq. (6)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss_instance + loss_cluster).backward()  # Eq. (6)
+                scaler.step(optimizer)
+                scaler.update()
                 totals += torch.stack([loss_instance.detach(), loss_cluster.detach()])
-                steps += 1
+            run.epoch_done(epoch, totals, ["instance", "cluster"], lambda: evaluate(model, evaluated, aug, run))
 
-            loss_instance, loss_cluster = (totals / steps).tolist()
-            seconds = time.perf_counter() - t0
-            train_seconds, seen = train_seconds + seconds, seen + steps * args.batch_size
-            record = {"epoch": epoch + 1, "loss": loss_instance + loss_cluster, "loss_instance": loss_instance,
-                      "loss_cluster": loss_cluster, "lr": args.lr, "img_per_s": steps * args.batch_size / seconds, "seconds": seconds}
-            if not torch.isfinite(torch.tensor(record["loss"])):
-                common.fail_nonfinite(epoch + 1, run_path)
-            if env.is_main and args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-                pred, _ = evaluate(model, evaluated, aug, env)
-                record.update(common.evaluation_record(ds.labels, pred, ds.num_classes))
-            logger.log(record)
-            logger.print(common.epoch_line(record, args.epochs, seconds * (args.epochs - epoch - 1)))
-            ckpt.epoch_done(epoch + 1)  # written every --save-every epochs; kept in memory in between
-            done = epoch + 1
-
-    if env.is_main:
-        pred, conf = evaluate(model, evaluated, aug, env)
+    if run.is_main:
+        pred, conf = evaluate(model, evaluated, aug, run)
         if args.export_features:  # the cluster head's input
-            common.export_features(run_path, model.backbone, model, evaluated, aug.eval, env)
-        common.finish(run_path, ds, pred, conf, env, logger, epochs=done, img_per_s=seen / max(train_seconds, 1e-9),
-                      wall_seconds=time.perf_counter() - wall_start)
+            common.export_features(run, model.backbone, model, evaluated, aug.eval)
+        run.finish(pred, conf)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SCRIPTS = ["cc", "vtcc", "vitic", "pici", "dcsc"]
 
 @pytest.fixture
 def h100(monkeypatch):
-    """torch.cuda patched to look like one GPU with native bf16; the global flags an Env sets put back."""
+    """torch.cuda patched to look like one GPU with native bf16; the global flags a Run sets put back."""
     for name, value in [("is_available", lambda: True), ("device_count", lambda: 1), ("current_device", lambda: 0),
                         ("set_device", lambda d: None), ("get_device_capability", lambda d=None: (9, 0)),
                         ("is_bf16_supported", lambda including_emulation=True: True)]:
@@ -25,7 +25,7 @@ def h100(monkeypatch):
 
 def env_for(script, argv):
     args = common.parse_args(importlib.import_module(script).Args, ["--epochs", "3", *argv], method=script)  # pici: no default
-    return common.Env(args, script), args
+    return common.Run(args, script), args
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -42,7 +42,7 @@ def test_authors_recipe_trains_in_fp32_unless_precision_is_given(h100, script):
 def test_a_resumed_authors_run_keeps_fp32(h100, tmp_path):
     import vitic
     trained = vitic.Args(recipe="authors", epochs=1)
-    common.Env(trained, "vitic")  # what a run records: the precision it chose
+    common.Run(trained, "vitic")  # what a run records: the precision it chose
     assert trained.precision == "fp32"
     path = tmp_path / "checkpoint.pt"
     torch.save({"method": "vitic", "epoch": 1, "model": {}, "args": dataclasses.asdict(trained)}, path)

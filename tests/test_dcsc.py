@@ -1,7 +1,9 @@
 """dcsc.py beyond its losses (those are in test_losses.py): parameter counts, the ablations, and an
 end-to-end CPU run with exact resume."""
+import contextlib
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_forward_shapes_and_the_predictor_ablation():
 
 def test_kmeans_evaluation_without_the_cluster_loss():
     args = dcsc.Args(device="cpu", image_size=32)
-    env = common.Env(args, "dcsc")
+    env = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     model = dcsc.Network(num_clusters=3, image_size=32, overcluster=6)
     images = torch.randint(0, 256, (40, 3, 36, 36), dtype=torch.uint8)
     aug = data.Augmentation(dcsc.recipe("paper", "shapes")["views"], 32)

@@ -1,8 +1,6 @@
 """The CUDA paths of common.py and data.batches, checked on the CPU: a patched torch.cuda stands in for
-a GPU (device choice, memory, bf16 support), fake CUDA tensors (FakeTensorMode) for placement and
-copies, and a dispatch-level hook for the checkpoint snapshot's host copies."""
+a GPU (device choice, memory, bf16 support), fake CUDA tensors (FakeTensorMode) for placement and copies."""
 import os
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import data
+from conftest import make_run
 
 
 @pytest.fixture
@@ -48,7 +47,8 @@ def gpu(monkeypatch):
 
 def args(**kw):
     base = dict(batch_size=8, epochs=1, num_clusters=None, image_size=32, device="auto", precision="auto", threads=0,
-                deterministic=False, seed=1, eval_only=None)
+                deterministic=False, seed=1, eval_only=None, resume=None, out_dir="runs", run_name=None, dataset="digits",
+                tensorboard=False)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -146,7 +146,7 @@ def test_precision_on_native_and_emulated_bf16(gpu, capsys):
 
 def test_env_fp32_turns_tf32_off_and_deterministic_is_strict_on_cuda(gpu):
     gpu()
-    env = common.Env(args(precision="fp32", deterministic=True), "cc")
+    env = common.Run(args(precision="fp32", deterministic=True), "cc")
     assert env.device == torch.device("cuda", 0) and env.dtype is None
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
@@ -154,16 +154,15 @@ def test_env_fp32_turns_tf32_off_and_deterministic_is_strict_on_cuda(gpu):
     assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
                 or torch.backends.cuda.cudnn_sdp_enabled())  # the math attention: a deterministic backward
     assert not torch.backends.cudnn.benchmark
-    env = common.Env(args(precision="auto"), "cc")
+    env = common.Run(args(precision="auto"), "cc")
     assert env.precision == "bf16" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
 
 
 def test_an_op_without_a_deterministic_kernel_is_one_error_line(tmp_path, capsys):
-    env = SimpleNamespace(is_main=True)
-    ckpt = common.Checkpointer(tmp_path / "checkpoint.pt", env, SimpleNamespace(save_every=1, epochs=2), 0, None)
+    run = make_run(tmp_path)
     err = RuntimeError("scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
                        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation ...")
-    with pytest.raises(SystemExit) as e, common.stop_safely(ckpt, common.Logger(tmp_path, env)):
+    with pytest.raises(SystemExit) as e, run:
         raise err
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and lines == ["error: --deterministic: scatter_add_cuda_kernel has no deterministic CUDA kernel "
@@ -181,7 +180,7 @@ def test_the_process_group_gets_a_long_timeout(monkeypatch, gpu):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     monkeypatch.setattr(common.atexit, "register", lambda fn: None)
     gpu(count=2)
-    env = common.Env(args(), "cc")
+    env = common.Run(args(), "cc")
     assert env.device == torch.device("cuda", 1) and seen["backend"] == "nccl"
     assert seen["timeout"].total_seconds() >= 3600
 
@@ -211,8 +210,10 @@ def trained(channels_last, fused):
     return model, opt, x
 
 
-def cpu_env(**kw):
-    return SimpleNamespace(device=torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False), **kw)
+def into(model, opt, scaler=None, generator=None, world_size=1, rank=0, eval_only=False):
+    """What common.restore loads a checkpoint into (a run's parts)."""
+    return SimpleNamespace(model=model, optimizer=opt, scaler=scaler or torch.amp.GradScaler("cpu", enabled=False),
+                           generator=generator or torch.Generator(), world_size=world_size, rank=rank, eval_only=eval_only)
 
 
 def resumed_step(state, channels_last, fused):
@@ -220,9 +221,8 @@ def resumed_step(state, channels_last, fused):
     model = Conv()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    env = cpu_env()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
-    common.restore(state, model, opt, env, torch.Generator())
+    common.restore(into(model, opt), state)
     return model, opt
 
 
@@ -270,10 +270,9 @@ def test_a_cpu_checkpoint_takes_the_gpu_layout():
 
 def test_fp16_after_a_bf16_or_fp32_run_starts_a_fresh_scaler():
     model, opt, _ = trained(channels_last=False, fused=None)
-    env = cpu_env()
-    env.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # enabled: an fp16 run
-    assert common.restore(checkpoint(model, opt), Conv(), torch.optim.Adam(Conv().parameters()), env, torch.Generator()) == 3
-    assert env.scaler.get_scale() == 2.0 ** 16
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # enabled: an fp16 run
+    assert common.restore(into(Conv(), torch.optim.Adam(Conv().parameters()), scaler), checkpoint(model, opt)) == 3
+    assert scaler.get_scale() == 2.0 ** 16
 
 
 def test_each_process_gets_its_own_stream_back_and_another_world_size_is_refused(capsys):
@@ -282,62 +281,11 @@ def test_each_process_gets_its_own_stream_back_and_another_world_size_is_refused
     state = {**checkpoint(model, opt), "world_size": 2, "generators": [g.get_state() for g in streams],
              "torch_rngs": [torch.get_rng_state()] * 2}
     gen = torch.Generator()
-    common.restore(state, Conv(), torch.optim.Adam(Conv().parameters()), cpu_env(world_size=2, rank=1), gen)
+    common.restore(into(Conv(), torch.optim.Adam(Conv().parameters()), generator=gen, world_size=2, rank=1), state)
     assert torch.equal(gen.get_state(), streams[1].get_state())
-    err = fails(capsys, common.restore, state, Conv(), torch.optim.Adam(Conv().parameters()), cpu_env(world_size=1, rank=0), gen)
+    err = fails(capsys, common.restore, into(Conv(), torch.optim.Adam(Conv().parameters()), generator=gen), state)
     assert "trained by 2 process(es), this run has 1" in err
-    assert common.restore(state, Conv(), torch.optim.Adam(Conv().parameters()), cpu_env(world_size=1, rank=0, eval_only=True), gen) == 3
-
-
-# --- the Ctrl-C snapshot ------------------------------------------------------------------------------------
-class Copies(TorchDispatchMode):
-    """Stands in for the GPU-to-host copies of a `meta` state: records them and fills the host buffer."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten.copy_.default and args[1].device.type == "meta":
-            self.copies.append((args[0].data_ptr(), bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))))
-            return args[0].fill_(len(self.copies))
-        return func(*args, **kwargs)
-
-
-class Event:
-    log = []
-
-    def record(self):
-        Event.log.append("record")
-
-    def synchronize(self):
-        Event.log.append("synchronize")
-
-
-def test_the_snapshot_of_a_gpu_state_does_not_wait_for_the_gpu(tmp_path, monkeypatch, capsys):
-    """epoch_done queues non-blocking copies into host buffers that are reused from epoch to epoch
-    and records an event; the event is waited for only when the snapshot is written."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    Event.log = []
-    weights = torch.empty(3, device="meta")
-    conv = torch.empty(2, 3, 2, 2, device="meta").to(memory_format=torch.channels_last)
-    env = SimpleNamespace(is_main=True)
-    path = tmp_path / "checkpoint.pt"
-    ckpt = common.Checkpointer(path, env, SimpleNamespace(save_every=10, epochs=20), 0, lambda epoch: {"epoch": epoch, "w": weights, "conv": conv})
-    with Copies() as hook:
-        ckpt.epoch_done(1)
-        ckpt.epoch_done(2)
-    assert [blocking for _, blocking in hook.copies] == [True] * 4  # non_blocking
-    assert hook.copies[:2] == hook.copies[2:]  # the same buffers, reused
-    assert Event.log == ["record", "record"] and not path.exists()  # nothing waited for yet
-    with pytest.raises(SystemExit), common.stop_safely(ckpt, common.Logger(tmp_path, env)):
-        os.kill(os.getpid(), signal.SIGTERM)
-    assert Event.log[-1] == "synchronize"
-    saved = torch.load(path, weights_only=True)
-    assert saved["epoch"] == 2 and torch.equal(saved["w"], torch.full((3,), 3.0))
-    assert saved["conv"].is_contiguous(memory_format=torch.channels_last)  # the source's layout: one plain copy
+    assert common.restore(into(Conv(), torch.optim.Adam(Conv().parameters()), generator=gen, eval_only=True), state) == 3
 
 
 # --- evaluation reads the dataset where it was placed ---------------------------------------------------------
@@ -352,8 +300,8 @@ def test_evaluation_reads_the_placed_dataset(tmp_path, image_folder, monkeypatch
     placed, given = [], []
     real_place, real_predict = common.place_images, common.predict
 
-    def place(images, choice, env):
-        placed.append(real_place(images, choice, env).clone())
+    def place(images, choice, run):
+        placed.append(real_place(images, choice, run).clone())
         return placed[-1]
 
     def predict(fn, images, *a, **kw):

@@ -45,13 +45,13 @@ def method_losses(name, a, b, extra, env):
     """One method's losses on the two views' outputs, each gathered over the processes."""
     m = importlib.import_module(name)
     if name in ("cc", "vtcc", "vitic"):
-        z_a, z_b, p_a, p_b = common.gather(a["z"], b["z"], a["p"], b["p"], env=env)
+        z_a, z_b, p_a, p_b = common.gather(a["z"], b["z"], a["p"], b["p"])
         return [m.instance_loss(z_a, z_b, 0.5), m.cluster_loss(p_a, p_b, 1.0)]
     if name == "dcsc":
-        z_a, z_b, c_a, c_b, q_a, q_b, p_a, p_b = common.gather(a["z"], b["z"], a["p"], b["p"], a["q"], b["q"], a["pred"], b["pred"], env=env)
+        z_a, z_b, c_a, c_b, q_a, q_b, p_a, p_b = common.gather(a["z"], b["z"], a["p"], b["p"], a["q"], b["q"], a["pred"], b["pred"])
         return [m.flc_loss(z_a, z_b, 0.2), m.clc_loss(c_a, c_b, 1.0), m.slc_loss(p_a, q_a, p_b, q_b, 1.0), m.cr_loss(c_a, c_b)]
     if name == "pici":
-        z_a, z_b, p_a, p_b, rec_a, rec_b = common.gather(a["z"], b["z"], a["p"], b["p"], a["rec"], b["rec"], env=env)
+        z_a, z_b, p_a, p_b, rec_a, rec_b = common.gather(a["z"], b["z"], a["p"], b["p"], a["rec"], b["rec"])
         targets, patches, mask = extra
         return [m.instance_loss(z_a, z_b, 0.5), m.cluster_loss(p_a, p_b, 1.0), m.cli_loss(p_a, p_b, targets, targets.roll(1)),
                 m.reconstruction_loss(rec_a, patches, mask) + m.reconstruction_loss(rec_b, patches, mask)]

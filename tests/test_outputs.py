@@ -10,7 +10,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 
 import common
 import data
-from conftest import ROOT, check_run_files
+from conftest import ROOT, check_run_files, make_run
 
 
 class Stream(io.StringIO):
@@ -71,8 +70,11 @@ class Recorder:
         self.closed = True
 
 
-def logger_on(tmp_path, stream, is_main=True):
-    return common.Logger(tmp_path, types.SimpleNamespace(is_main=is_main), stream=stream)
+def run_on(tmp_path, stream, clock=None, is_main=True, **args):
+    """A run (of cc.py) whose console is `stream`, timed by `clock`."""
+    run = make_run(tmp_path, **args)
+    run.stream, run.is_main, run.clock = stream, is_main, clock or run.clock
+    return run
 
 
 def train(progress, clock, epoch, steps, seconds_per_step, sums=None, weights=None):
@@ -86,7 +88,7 @@ def train(progress, clock, epoch, steps, seconds_per_step, sums=None, weights=No
 # --- 1. progress inside an epoch ------------------------------------------------------------------
 def test_progress_in_a_file_prints_a_plain_line_at_most_every_minute(tmp_path):
     stream, clock, sums = Stream(tty=False), Clock(), Sums(2)
-    progress = common.Progress(3, 32, logger_on(tmp_path, stream), clock)
+    progress = run_on(tmp_path, stream, clock, epochs=3, batch_size=32).progress
     train(progress, clock, 0, 600, 1.0, sums)  # a 10-minute epoch, one step a second
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
@@ -100,10 +102,9 @@ def test_progress_in_a_file_prints_a_plain_line_at_most_every_minute(tmp_path):
 def test_progress_on_a_terminal_rewrites_one_line_in_place(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # the live line is cut to the terminal's width
     stream, clock, sums = Stream(tty=True), Clock(), Sums(2)
-    logger = logger_on(tmp_path, stream)
-    progress = common.Progress(1, 8, logger, clock)
-    train(progress, clock, 0, 40, 0.25, sums, weights=[1.0, 0.5])  # 10 s
-    logger.print("epoch 1/1 | the epoch line")
+    run = run_on(tmp_path, stream, clock, epochs=1, batch_size=8)
+    train(run.progress, clock, 0, 40, 0.25, sums, weights=[1.0, 0.5])  # 10 s
+    run.print("epoch 1/1 | the epoch line")
     out = stream.getvalue()
     assert out.count("\n") == 1 and out.endswith("\r\x1b[Kepoch 1/1 | the epoch line\n")  # the live line is cleared first
     draws = out.split("\r")[1:-1]
@@ -115,14 +116,14 @@ def test_progress_on_a_terminal_rewrites_one_line_in_place(tmp_path, monkeypatch
 def test_progress_prints_nothing_for_a_short_epoch(tmp_path):
     for tty, seconds in ((True, 1.5), (False, 55.0)):
         stream, clock, sums = Stream(tty), Clock(), Sums(2)
-        progress = common.Progress(5, 32, logger_on(tmp_path, stream), clock)
+        progress = run_on(tmp_path, stream, clock, epochs=5, batch_size=32).progress
         train(progress, clock, 0, 100, seconds / 100, sums)
         assert stream.getvalue() == "" and sums.reads == 0, tty
 
 
 def test_progress_run_left_counts_whole_epochs_as_timed(tmp_path):
     stream, clock = Stream(tty=False), Clock()
-    progress = common.Progress(10, 16, logger_on(tmp_path, stream), clock)
+    progress = run_on(tmp_path, stream, clock, epochs=10, batch_size=16).progress
     train(progress, clock, 0, 100, 1.0)  # 100 s of steps, then 50 s evaluating and saving
     clock.now += 50.0
     stream.truncate(0)
@@ -136,7 +137,7 @@ def test_progress_run_left_counts_whole_epochs_as_timed(tmp_path):
 def test_progress_counts_several_loops_as_one_epoch(tmp_path):
     # CC and ViT-IC on STL-10: the unlabeled split's loop, then the labelled one, in one epoch
     stream, clock, sums = Stream(tty=False), Clock(), Sums(2)
-    progress = common.Progress(1, 10, logger_on(tmp_path, stream), clock)
+    progress = run_on(tmp_path, stream, clock, epochs=1, batch_size=10).progress
     for _ in progress(range(90), 0, 120):
         clock.now += 1.0
     for _ in progress(range(30), 0, 120, sums):
@@ -149,7 +150,7 @@ def test_progress_counts_several_loops_as_one_epoch(tmp_path):
 
 def test_progress_only_on_the_main_process(tmp_path):
     stream, clock = Stream(tty=True), Clock()
-    progress = common.Progress(1, 8, logger_on(tmp_path, stream, is_main=False), clock)
+    progress = run_on(tmp_path, stream, clock, is_main=False, epochs=1, batch_size=8).progress
     assert list(progress(range(5), 0, 5)) == [0, 1, 2, 3, 4]
     train(progress, clock, 0, 100, 1.0)
     assert stream.getvalue() == ""
@@ -158,7 +159,7 @@ def test_progress_only_on_the_main_process(tmp_path):
 def test_live_line_is_cut_to_the_terminal_width(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "30")
     stream = Stream(tty=True)
-    logger_on(tmp_path, stream).live("x" * 100)
+    run_on(tmp_path, stream).live("x" * 100)
     assert stream.getvalue() == "\r" + "x" * 29 + "\x1b[K"  # a wrapped line could not be rewritten
 
 
@@ -171,29 +172,29 @@ def test_duration_past_a_day():
 # --- 2. TensorBoard -------------------------------------------------------------------------------
 def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
-    assert not common.tensorboard_installed()
+    assert common.tensorboard() is None
     stream = Stream(tty=False)
-    logger = common.Logger(tmp_path / "run", types.SimpleNamespace(is_main=True), tensorboard=True, stream=stream)
-    (tmp_path / "run").mkdir()  # open_run makes it when training starts
-    logger.log({"epoch": 1, "loss": 1.0})
+    monkeypatch.setattr(sys, "stdout", stream)
+    run = make_run(tmp_path, tensorboard=True)
+    (tmp_path / "run").mkdir()  # `with run:` makes it when training starts
+    run.scalars({"epoch": 1, "loss": 1.0}, 1)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and "pip install tensorboard" in lines[0]
-    assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "log.jsonl").is_file()
+    assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-def test_logger_sends_every_number_to_tensorboard(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "tensorboard_writer", Recorder)
-    monkeypatch.setattr(common, "tensorboard_installed", lambda: True)  # whether or not this machine has the package
-    logger = common.Logger(tmp_path, types.SimpleNamespace(is_main=True), tensorboard=True, stream=Stream(False))
-    logger.log({"epoch": 3, "stage": "train", "loss": 2.5, "loss_instance": 2.0, "lr": 3e-4, "img_per_s": 100.0, "nmi": None,
-                "acc": 0.5, "empty": 2, "cli_agreement": 0.75})
-    assert sorted(logger.writer.scalars) == sorted([("loss/total", 2.5, 3), ("loss/instance", 2.0, 3), ("train/lr", 3e-4, 3),
+def test_run_sends_every_number_to_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "tensorboard", lambda: Recorder)  # whether or not this machine has the package
+    run = run_on(tmp_path, Stream(False), tensorboard=True)
+    run.scalars({"epoch": 3, "stage": "train", "loss": 2.5, "loss_instance": 2.0, "lr": 3e-4, "img_per_s": 100.0, "nmi": None,
+                    "acc": 0.5, "empty": 2, "cli_agreement": 0.75}, 3)
+    assert sorted(run.writer.scalars) == sorted([("loss/total", 2.5, 3), ("loss/instance", 2.0, 3), ("train/lr", 3e-4, 3),
                                                     ("train/img_per_s", 100.0, 3), ("eval/acc", 0.5, 3), ("health/empty", 2, 3),
                                                     ("train/cli_agreement", 0.75, 3)])
-    assert logger.writer.folder == tmp_path / "tensorboard" and logger.writer.flushes == 1
-    writer = logger.writer
-    logger.close()
-    assert writer.closed and logger.writer is None
+    assert run.writer.folder == str(tmp_path / "run" / "tensorboard") and run.writer.flushes == 1
+    writer = run.writer
+    run.close()
+    assert writer.closed and run.writer is None
 
 
 # --- 3. clusters.png --------------------------------------------------------------------------------
@@ -277,10 +278,9 @@ def runs(image_folder, tmp_path_factory):
                     "--out-dir", str(out), "--data-root", str(out / "data"), "--run-name", "run", *extra]
             writers, stream, threads = [], Stream(tty=True), torch.get_num_threads()
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(common, "tensorboard_writer", lambda folder: writers.append(Recorder(folder)) or writers[-1])
-                mp.setattr(common, "tensorboard_installed", lambda: True)
-                mp.setattr(common.Progress, "delay", 0.0)
-                mp.setattr(common.Progress, "refresh", 0.0)
+                mp.setattr(common, "tensorboard", lambda: lambda folder: writers.append(Recorder(folder)) or writers[-1])
+                mp.setattr(common.Run, "delay", 0.0)
+                mp.setattr(common.Run, "refresh", 0.0)
                 mp.setattr(sys, "stdout", stream)
                 mp.setattr(sys, "argv", [f"{script}.py", *argv])
                 mp.setenv("COLUMNS", "200")
@@ -306,7 +306,7 @@ def test_run_shows_live_progress(runs, name):
 @pytest.mark.parametrize("name", ["cc", "vtcc", "vitic", "pici", "dcsc"])
 def test_run_sends_every_logged_number_to_tensorboard(runs, name):
     run, _, _, writer = runs(name)
-    assert writer.folder == run / "tensorboard" and writer.closed
+    assert writer.folder == str(run / "tensorboard") and writer.closed
     record = json.loads((run / "log.jsonl").read_text())
     expected = {(common.scalar_tag(k), v, 1) for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
     assert {"loss/total", "train/lr", "train/img_per_s", "train/seconds"} <= {tag for tag, _, _ in expected}

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ import dcsc
 import pici
 import vitic
 import vtcc
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, make_image_folder, make_run, run_script
 
 SCRIPTS = {"cc": cc, "vtcc": vtcc, "vitic": vitic, "pici": pici, "dcsc": dcsc}
 TIMING = ("img_per_s", "seconds")  # the only numbers of a log that may differ between two runs
@@ -120,55 +119,53 @@ class Clock:
         return {"epoch": epoch, "w": self.w}
 
 
-def test_checkpointer_keeps_finished_epochs_only_and_never_goes_back(tmp_path, capsys):
+def test_checkpoint_keeps_finished_epochs_only_and_never_goes_back(tmp_path, capsys):
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    path = tmp_path / "checkpoint.pt"
-    args = SimpleNamespace(save_every=10, epochs=20)
-    env = SimpleNamespace(is_main=True)
-    logger = common.Logger(tmp_path, env)
-    run = Clock()
-    common.atomic_save({"epoch": 5, "w": torch.full((3,), 5.0)}, path)
-    ckpt = common.Checkpointer(path, env, args, 5, run.state)
-    with pytest.raises(SystemExit) as stop, common.stop_safely(ckpt, logger):
+    run, clock = make_run(tmp_path, save_every=10, epochs=20), Clock()
+    run.state, path = clock.state, tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    torch.save({"epoch": 5, "w": torch.full((3,), 5.0)}, path)
+    run.epoch = run.saved = 5  # resumed from it
+    with pytest.raises(SystemExit) as stop, run:
         raise KeyboardInterrupt  # in epoch 6, nothing finished since the checkpoint: keep it
     assert stop.value.code == 130 and torch.load(path, weights_only=True)["epoch"] == 5
     assert f"in epoch 6/20: {path} holds epoch 5" in capsys.readouterr().out
 
-    run.w += 6  # epoch 6 trains and finishes
-    ckpt.epoch_done(6)
+    clock.w += 6  # epoch 6 trains and finishes
+    run.snapshot(6)
     assert torch.load(path, weights_only=True)["epoch"] == 5  # not a --save-every epoch: kept in memory
-    run.w += 100  # half of epoch 7 changes the weights in place
-    with pytest.raises(SystemExit) as stop, common.stop_safely(ckpt, logger):
+    clock.w += 100  # half of epoch 7 changes the weights in place
+    with pytest.raises(SystemExit) as stop, run:
         raise common.Terminated()
     state = torch.load(path, weights_only=True)
     assert stop.value.code == 143 and state["epoch"] == 6 and torch.equal(state["w"], torch.full((3,), 6.0))  # not epoch 7's half
 
-    run.w -= 100
-    ckpt.epoch_done(7)
-    with pytest.raises(RuntimeError, match="boom"), common.stop_safely(ckpt, logger):
+    clock.w -= 100
+    run.snapshot(7)
+    with pytest.raises(RuntimeError, match="boom"), run:
         raise RuntimeError("boom")  # an error writes the last finished epoch too, then goes on up
     assert torch.load(path, weights_only=True)["epoch"] == 7
     assert "stopped by an error in epoch 8/20" in capsys.readouterr().out
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+    assert sorted(p.name for p in path.parent.iterdir()) == [".lock", "args.json", "checkpoint.pt"]  # no temporary left
 
 
 def test_a_stop_while_the_finished_epoch_is_copied_keeps_that_epoch(tmp_path, capsys):
-    """The signal arrives while epoch_done copies the state (as a Ctrl-C sent just after an epoch's
-    log line can): it is held back until the copy is whole, so the stop writes that epoch."""
-    path = tmp_path / "checkpoint.pt"
-    env = SimpleNamespace(is_main=True)
-    run = Clock()
+    """The signal arrives while the finished epoch's state is taken (as a Ctrl-C sent just after an
+    epoch's log line can): it is held back until the copy is whole, so the stop writes that epoch."""
+    clock = Clock()
 
     def state_while_signalled(epoch):
         os.kill(os.getpid(), sig)
-        return run.state(epoch)
+        return clock.state(epoch)
 
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        path.unlink(missing_ok=True)
-        ckpt = common.Checkpointer(path, env, SimpleNamespace(save_every=10, epochs=20), 0, state_while_signalled)
-        with pytest.raises(SystemExit) as stop, common.stop_safely(ckpt, common.Logger(tmp_path, env)):
-            ckpt.epoch_done(1)
+        run = make_run(tmp_path / sig.name, save_every=10, epochs=20)
+        run.state = state_while_signalled
+        with pytest.raises(SystemExit) as stop, run:
+            run.snapshot(1)
             raise AssertionError("the signal was not delivered after the copy")
+        path = run.path / "checkpoint.pt"
         assert stop.value.code == code and torch.load(path, weights_only=True)["epoch"] == 1
         assert f"in epoch 2/20: {path} holds epoch 1" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -299,12 +296,14 @@ def test_a_second_process_on_a_run_folder_fails_at_once_and_a_killed_ones_lock_d
     assert [r["epoch"] for r in read_log(tmp_path / "one" / "log.jsonl")] == [1]  # the killed run's epochs are gone
 
 
-def test_open_run_locks_the_folder_and_trims_the_log_to_the_checkpoint(tmp_path):
+def test_a_started_run_locks_the_folder_and_trims_the_log_to_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": e / 10}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "lo')
-    args = cc.Args(run_name="run", out_dir=str(tmp_path))
-    common.open_run(run, args, SimpleNamespace(is_main=True), 2)  # resumed from a checkpoint of epoch 2
+    started = make_run(tmp_path)
+    started.epoch = 2  # resumed from a checkpoint of epoch 2
+    with started:
+        pass
     assert [r["epoch"] for r in read_log(run / "log.jsonl")] == [1, 2]  # epoch 3 and the half line from a kill are gone
     assert json.loads((run / "args.json").read_text())["run_name"] == "run"
     holder = subprocess.run([sys.executable, "-c", "import sys, common; print(common.lock_holder(sys.argv[1]))", str(run)],

@@ -31,7 +31,7 @@ INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, 
 
 
 class Stop(BaseException):
-    """Ends main() after the steps counted (a BaseException: common.stop_safely lets it through untouched)."""
+    """Ends main() after the steps counted (a BaseException: `with run:` lets it through untouched)."""
 
 
 class DeviceCounter(TorchDispatchMode):
@@ -176,7 +176,8 @@ def count_steps(module, argv, steps=2, device="meta"):
                (common, "place_images", lambda images, choice, env: images.to(env.device)),
                (torch, "tensor", tensor), (data, "batches", batches), (torch.nn.modules.batchnorm._BatchNorm, "forward", bn),
                (data.Augmentation, "views", in_phase("augmentation", real_views)),
-               *[(cls, "step", in_phase("optimizer", fn)) for cls, fn in real_steps.items()]]
+               *[(cls, "step", in_phase("optimizer", fn)) for cls, fn in real_steps.items()],
+               *([(torch, "autocast", lambda *a, **k: contextlib.nullcontext())] if meta.type == "meta" else [])]  # no autocast on meta
     with patched(*changes), counter:
         try:
             module.main(argv)
