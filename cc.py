@@ -188,7 +188,7 @@ def main(argv=None):
     unlabeled = ds.unlabeled  # None but for STL-10 (it trains the instance head: none without one)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.backbone, args.feature_dim, args.heads), run,
                                 channels_last=True, compile=args.compile, find_unused=unlabeled is not None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate (Sec. 4.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate (Sec. 4.1.2)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
     gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle

@@ -1136,4 +1136,3 @@ def wrap(text, width, draw, font):
     return lines
 
 
-Env = Run  # for tests/test_whole_images.py until it stands in a SimpleNamespace (as its next test does)

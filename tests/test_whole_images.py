@@ -193,7 +193,7 @@ def test_the_store_fits_the_host_or_the_gpu_it_must_live_in(monkeypatch, tmp_pat
     monkeypatch.setattr(common, "host_memory", lambda: 2 * (2 * 3 * 90 ** 2))  # half of it for the store: 90 px
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        ds = common.load_data(args, common.Env(args, "cc"))
+        ds = common.load_data(args, common.Run(args, "cc"))
     assert ds.images.shape[-1] == 90
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and "stored at 90 px (--storage-size S sets the side)" in lines[0], lines
@@ -222,7 +222,7 @@ def test_scripts_print_the_upsampling_warning_in_one_line(tmp_path):
                                                      "--batch-size", "2", "--device", "cpu"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        common.load_data(args, common.Env(args, "cc"))
+        common.load_data(args, common.Run(args, "cc"))
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: small: 4 of 4 images are smaller than the training size 32 px")
 
