@@ -451,15 +451,21 @@ class Gather(torch.autograd.Function):
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
 
-def store_memory(args, run, share=0.25):
-    """Bytes the uint8 dataset may take without --storage-size (data.storage_side): half the host's available
-    memory (Linux's MemAvailable), and under --data-on-device yes place_images' share of the GPU's (auto: a
-    dataset too large for the GPU stays on the host at its native size, as the authors' loaders keep it)."""
+def host_memory():
+    """Bytes of host memory available now (Linux: MemAvailable), or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
-            limits = [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")) // 2]
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
-        limits = []
+        return None
+
+
+def store_memory(args, run, share=0.25):
+    """Bytes the uint8 dataset may take without --storage-size (data.storage_side): half the host's available
+    memory, and under --data-on-device yes place_images' share of the GPU's (auto: a dataset too large for
+    the GPU stays on the host at its native size, as the authors' loaders keep it)."""
+    host = host_memory()
+    limits = [host // 2] if host else []
     if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
         limits.append(int(share * torch.cuda.mem_get_info(run.device)[0]))
     return min(limits, default=None)
