@@ -328,9 +328,11 @@ def parse_args(cls, argv=None, description=None, method=None):
     for path in paths:
         state = read_checkpoint(path, method, mmap=True)
         trained = state["args"]
-        differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not (
-            trained[k] == v or k == "dataset" and os.path.isdir(v) and os.path.isdir(trained[k]) and os.path.samefile(v, trained[k]))]
-        if not differ:  # a folder of images may be written two ways (relative, absolute, a link)
+        # a folder of images may be written two ways (relative, absolute, a link)
+        differ = [(k, t, v) for k, v in given.items() if k in trained and k not in RESUME_SAFE
+                  and (t := trained[k]) != v
+                  and not (k == "dataset" and os.path.isdir(v) and os.path.isdir(t) and os.path.samefile(v, t))]
+        if not differ:
             break
         refused = refused or (path, differ, len(paths) > 1)
     else:
@@ -393,9 +395,11 @@ def pick_device(name, local_rank=None):
     check(device.type in ("cpu", "cuda"), f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         check(torch.cuda.is_available(), f"--device {name} asked for CUDA but none is available: use --device cpu")
-        index = local_rank if local_rank is not None else torch.cuda.current_device() if device.index is None else device.index
-        device, count = torch.device("cuda", index), torch.cuda.device_count()
-        check(index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device()
+                              if device.index is None else device.index)
+        count = torch.cuda.device_count()
+        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), "
+              f"cuda:0 to cuda:{count - 1}")
         torch.cuda.set_device(device)
     return device
 
@@ -565,7 +569,7 @@ def run_dir(args, method):
     elif args.resume == "auto" and resumable:
         path = resumable[-1]
     else:
-        path = runs[-1].parent / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else Path(args.out_dir) / base
+        path = Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     claim(path)
     return path
@@ -604,7 +608,8 @@ def claim(path, take=False):
 
 def read_checkpoint(path, method, mmap=False):
     """A checkpoint (weights_only), checked to be this method's; mmap: for a look at the arguments only."""
-    path, not_ours, give = Path(path), f"not a checkpoint of this project: {path}", "give the path of a run's checkpoint.pt"
+    path, give = Path(path), "give the path of a run's checkpoint.pt"
+    not_ours = f"not a checkpoint of this project: {path}"
     check(path.is_file(), f"no checkpoint at {path}: {give}")
     check(path.stat().st_size > 0, f"{not_ours} is empty; {give}")
     try:
@@ -813,8 +818,8 @@ class Run:
                 signal.signal(s, handler)
             why = {KeyboardInterrupt: "Ctrl-C (SIGINT)", Terminated: "SIGTERM"}.get(kind, "an error")
             self.print(f"stopped by {why} in epoch {self.epoch + 1}/{self.args.epochs}: " + (
-                "no epoch had finished, so there is no checkpoint (--resume auto starts afresh)" if self.saved is None else
-                f"{self.path / 'checkpoint.pt'} holds epoch {self.saved}; --resume auto continues from there "
+                "no epoch had finished, so there is no checkpoint (--resume auto starts afresh)" if self.saved is None
+                else f"{self.path / 'checkpoint.pt'} holds epoch {self.saved}; --resume auto continues from there "
                 f"(epoch {self.saved + 1} is repeated)"))
         if kind in (KeyboardInterrupt, Terminated):
             raise SystemExit(130 if kind is KeyboardInterrupt else 143)
@@ -865,14 +870,15 @@ class Run:
                 if not (self.is_main and now - self.begun >= wait and now - self.last_line >= interval):
                     continue
                 self.last_line, elapsed = now, now - self.begun
-                left = max(steps - self.step, 0) * elapsed / self.step  # then epochs as timed so far, else at this one's pace
+                # this epoch at its pace so far, then the others as timed so far (else at this one's pace)
+                left = max(steps - self.step, 0) * elapsed / self.step
                 per_epoch = (self.begun - self.first) / self.timed if self.timed else elapsed / self.step * steps
                 line = f"epoch {epoch + 1}/{self.args.epochs} step {self.step}/{steps}"
                 if totals is not None and self.steps:  # the one device sync, per shown line
                     line += f" | loss {weighted(weights, totals.tolist()) / self.steps:.4f}"
                 (self.live if tty else self.print)(  # short: 80 columns
-                    f"{line} | {self.step * self.args.batch_size / max(elapsed, 1e-9):.0f} img/s | left {duration(left)}, "
-                    f"run {duration(left + (self.args.epochs - epoch - 1) * per_epoch)}")
+                    f"{line} | {self.step * self.args.batch_size / max(elapsed, 1e-9):.0f} img/s | left "
+                    f"{duration(left)}, run {duration(left + (self.args.epochs - epoch - 1) * per_epoch)}")
         finally:
             self.clear_line()
 
@@ -887,7 +893,8 @@ class Run:
         if not math.isfinite(record["loss"]):  # stopped before the bad state can overwrite the last good checkpoint
             good = self.path / "checkpoint.pt"
             fail(f"the loss became NaN or infinite in epoch {epoch + 1}; " + (f"the last good checkpoint is {good}" if
-                 good.exists() else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)", code=1)
+                 good.exists() else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)",
+                 code=1)
         if evaluate_now is None:
             evaluate_now = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
         if self.is_main and evaluate and evaluate_now:
@@ -905,8 +912,8 @@ class Run:
 
     def warn(self, record, when):
         if record.get("collapse"):
-            self.print(f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of every "
-                       f"evaluation (empty, max_share, entropy) is in {self.path / 'log.jsonl'}")
+            self.print(f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of "
+                       f"every evaluation (empty, max_share, entropy) is in {self.path / 'log.jsonl'}")
 
     def scalars(self, record, step):
         """Every number of `record` to TensorBoard at `step` (the epoch), one panel per group."""
@@ -931,8 +938,8 @@ class Run:
         record = evaluation_record(ds.labels, pred, ds.num_classes)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-        stats = {"epochs": self.epoch, "img_per_s": self.seen / max(self.train_seconds, 1e-9),
-                 "wall_seconds": time.perf_counter() - self.wall, "device": str(self.device), "precision": self.precision,
+        stats = {"epochs": self.epoch, "img_per_s": self.seen / max(self.train_seconds, 1e-9), "wall_seconds":
+                 time.perf_counter() - self.wall, "device": str(self.device), "precision": self.precision,
                  "peak_memory_mb": round(peak, 1), "world_size": self.world_size}
         final = {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **stats,  # collapse: None when healthy
                  **{k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")},
@@ -1022,9 +1029,10 @@ def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
             lines += [f"tie: {names}", f"{share} each"] if len(tops) > 1 else [names, share]
         rows.append((c, members, lines))
     empty = [c for c in range(num_clusters) if sizes[c] == 0]
-    notes = [f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} are in assignments.csv"]
-    notes = notes[len(order) <= max_rows:] + [f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty))][:len(empty) > 0]
-    return rows, notes
+    notes = [f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} are in "
+             "assignments.csv",
+             f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty))]
+    return rows, notes[len(order) <= max_rows:2 if empty else 1]
 
 
 def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clusters=0, per_row=10, size=64, panel=150, pad=2):
@@ -1050,7 +1058,8 @@ def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clu
                 wrapped.append(word)
             else:
                 wrapped[-1] = f"{wrapped[-1]} {word}".lstrip(" ")
-    canvas = Image.new("RGB", (width, len(rows) * (size + pad) + pad + (len(wrapped) * line + 2 * pad if wrapped else 0)), "white")
+    height = len(rows) * (size + pad) + pad + (len(wrapped) * line + 2 * pad if wrapped else 0)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (c, members, lines) in enumerate(rows):
         top = pad + i * (size + pad)
