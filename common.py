@@ -54,10 +54,8 @@ def all_gather_rows(out, x):
     (getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor)(out, x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Clustering metrics, as all five papers report them: transductive (the training images are the ones
+# --- Clustering metrics, as all five papers report them: transductive (the training images are the ones
 # clustered), NMI with arithmetic normalisation, ACC by Hungarian matching, ARI
-# ---------------------------------------------------------------------------------------------
 def cluster_acc(y_true, y_pred):
     """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors. Only
     the ids that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here)."""
@@ -96,10 +94,8 @@ def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
     return torch.as_tensor(km.labels_, dtype=torch.long), conf.float()
 
 
-# ---------------------------------------------------------------------------------------------
-# ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
+# --- ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
 # Table V), 2-D sine-cosine positions
-# ---------------------------------------------------------------------------------------------
 def sincos_2d(dim, grid_size, cls_token=True):
     """(1 + grid_size**2, dim), CLS row zero; MAE's convention: columns in the first half, rows in the second."""
     if dim % 4:
@@ -246,9 +242,7 @@ def init_vit_weights(module, split_qkv=False):
             nn.init.zeros_(m.bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
-# ---------------------------------------------------------------------------------------------
+# --- MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
 def patchify(images, patch_size=16):
     """(B, C, H, W) -> (B, L, p*p*C), row-major patches of (p, p, C) pixels."""
     B, C, H, W = images.shape
@@ -291,9 +285,7 @@ def masked_patch_mse(pred, target, mask, eps=1e-6):
     return (per_patch * mask).sum() / mask.sum()
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments: each script declares a dataclass `Args` whose fields carry their help text
-# ---------------------------------------------------------------------------------------------
+# --- Arguments: each script declares a dataclass `Args` whose fields carry their help text
 def arg(default, help, **kwargs):
     """A field of a script's Args: default, help line (citing the paper), argparse keywords (choices=, type=)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
@@ -383,9 +375,7 @@ def check(condition, message):
 check_torch()  # at import: before any script uses an API newer than the floor
 
 
-# ---------------------------------------------------------------------------------------------
-# Device, precision, distributed training (nanoGPT-style, CPU-safe), evaluation in large batches
-# ---------------------------------------------------------------------------------------------
+# --- Device, precision, distributed training (nanoGPT-style, CPU-safe), evaluation in large batches
 def pick_device(name, local_rank=None):
     """An indexed torch.device (cuda:N): `auto` and `cuda` mean the current CUDA device, LOCAL_RANK's under torchrun."""
     try:
@@ -532,9 +522,7 @@ def load_data(args, run, with_unlabeled=False):
     return ds
 
 
-# ---------------------------------------------------------------------------------------------
-# The run folder and its checkpoint
-# ---------------------------------------------------------------------------------------------
+# --- The run folder and its checkpoint
 def writable(path):
     """Could this process make files in `path`? Asks the nearest folder that exists."""
     path = Path(path).absolute()
@@ -967,9 +955,7 @@ def scalar_tag(key):
     return "loss/" + (key[5:] or "total") if key.startswith("loss") else group + key
 
 
-# ---------------------------------------------------------------------------------------------
-# Results: evaluation records, the collapse warning, provenance, clusters.png
-# ---------------------------------------------------------------------------------------------
+# --- Results: evaluation records, the collapse warning, provenance, clusters.png
 def evaluation_record(labels, pred, num_clusters):
     """Metrics (None for unlabelled data) and cluster health."""
     record = {"nmi": None, "acc": None, "ari": None}
