@@ -1,6 +1,6 @@
-"""Shared parts of the five method scripts: clustering metrics, the ViT and MAE building blocks, and the
-plumbing every script needs alike (arguments, device and precision, the run folder and its files).
-No method logic lives here: losses, heads and training loops are in the method files."""
+"""Shared by the five method scripts: clustering metrics, ViT and MAE blocks, and the run plumbing
+(arguments, device and precision, the run folder and its files). Losses, heads and training loops
+are in the method files."""
 import argparse
 import atexit
 import csv
@@ -37,15 +37,11 @@ except ImportError:
     fcntl = None
 
 
-# ---------------------------------------------------------------------------------------------
-# The torch range: the floor (requirements.txt's torch>=), checked at import, and the one shim for
-# an API newer than it. Every other torch call here exists, with its keywords, from the floor on.
-# ---------------------------------------------------------------------------------------------
+# The torch floor (requirements.txt's torch>=), checked at import; every torch call here exists from it on
 TORCH_FLOOR = (2, 4, 1)
 
 
 def check_torch(version=None):
-    """One error line, not an AttributeError mid-run, when the installed torch is older than the floor."""
     version = version or torch.__version__
     got = tuple(int(p) for p in re.findall(r"\d+", version)[:3])  # 2.4.1+cu121 -> (2, 4, 1)
     floor = ".".join(map(str, TORCH_FLOOR))
@@ -54,28 +50,19 @@ def check_torch(version=None):
 
 
 def all_gather_rows(out, x):
-    """Every process's x into out, rank by rank: all_gather_single from torch 2.13, before it the
-    same collective under its old name (which 2.13 on deprecates)."""
+    """all_gather_single from torch 2.13, before it the same collective under its old name."""
     (getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor)(out, x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Clustering metrics, as all five papers report them: transductive (the training images are the ones
+# --- Clustering metrics, as all five papers report them: transductive (the training images are the ones
 # clustered), NMI with arithmetic normalisation, ACC by Hungarian matching, ARI
-# ---------------------------------------------------------------------------------------------
-def contingency(y_true, y_pred):
-    """Counts of (predicted cluster, true class) pairs; label ids may be arbitrary integers."""
-    _, t = np.unique(np.asarray(y_true), return_inverse=True)
-    _, p = np.unique(np.asarray(y_pred), return_inverse=True)
-    table = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)
-    np.add.at(table, (p, t), 1)
-    return table  # (clusters, classes)
-
-
 def cluster_acc(y_true, y_pred):
     """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors. Only
     the ids that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here)."""
-    table = contingency(y_true, y_pred)
+    _, t = np.unique(np.asarray(y_true), return_inverse=True)
+    _, p = np.unique(np.asarray(y_pred), return_inverse=True)
+    table = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)  # (clusters, classes)
+    np.add.at(table, (p, t), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
 
@@ -87,8 +74,7 @@ def cluster_metrics(y_true, y_pred):
 
 
 def cluster_health(y_pred, num_clusters):
-    """Is the model collapsing? Entropy of the assignment (nats; log K is uniform), smallest and
-    largest cluster share, and how many of the K clusters are empty."""
+    """Entropy of the assignment (nats; log K is uniform), smallest and largest share, empty clusters."""
     share = np.bincount(np.asarray(y_pred), minlength=num_clusters) / len(y_pred)
     nz = share[share > 0]
     return {"entropy": float(-(nz * np.log(nz)).sum()), "min_share": float(share.min()), "max_share": float(share.max()),
@@ -96,9 +82,8 @@ def cluster_health(y_pred, num_clusters):
 
 
 def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
-    """k-means on the features (sklearn), L2-normalised first unless normalize=False. Returns labels
-    and a confidence per sample: the softmax over negative squared distances to the centroids,
-    taken at the assigned one."""
+    """sklearn's k-means on the (L2-normalised) features: labels, and as confidence the softmax over
+    negative squared distances to the centroids, at the assigned one."""
     from sklearn.cluster import KMeans
 
     x = torch.as_tensor(features).float()
@@ -109,14 +94,10 @@ def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
     return torch.as_tensor(km.labels_, dtype=torch.long), conf.float()
 
 
-# ---------------------------------------------------------------------------------------------
-# ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
+# --- ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
 # Table V), 2-D sine-cosine positions
-# ---------------------------------------------------------------------------------------------
 def sincos_2d(dim, grid_size, cls_token=True):
-    """Fixed 2-D sine-cosine position table, (1 + grid_size**2, dim), CLS row zero. MAE's convention: the
-    first dim/2 channels encode the column, the last dim/2 the row; in each half sin(pos * w_k), then
-    cos(pos * w_k), w_k = 1 / 10000**(k / (dim/4)), k = 0 .. dim/4-1. Token t = row * grid_size + col."""
+    """(1 + grid_size**2, dim), CLS row zero; MAE's convention: columns in the first half, rows in the second."""
     if dim % 4:
         raise ValueError(f"the sin-cos table needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -130,6 +111,13 @@ def sincos_2d(dim, grid_size, cls_token=True):
     if cls_token:
         table = torch.cat([torch.zeros(1, dim), table])
     return table
+
+
+def add_positions(module, table, positions):
+    if positions == "learnable":
+        module.pos_embed = nn.Parameter(table)
+    else:
+        module.register_buffer("pos_embed", table, persistent=False)
 
 
 class Attention(nn.Module):
@@ -149,7 +137,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, GELU, no dropout."""
+    """Pre-norm: x + MHSA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, GELU, no dropout."""
 
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
@@ -165,9 +153,8 @@ class Block(nn.Module):
 
 
 class ConvStem(nn.Sequential):
-    """Four 3x3 stride-2 convs (no bias) with BN and ReLU, widths dim/8, dim/4, dim/2, dim, then a
-    1x1 conv with bias: a 16x down-sampling like a 16x16 patchify, with a convolutional early stage
-    (Xiao et al. 2021, used by VTCC and ViT-IC)."""
+    """Four 3x3 stride-2 convs with BN and ReLU, then a 1x1 conv: 16x down-sampling with a convolutional
+    early stage (Xiao et al. 2021, used by VTCC and ViT-IC)."""
 
     def __init__(self, dim, in_chans=3):
         layers, c_in = [], in_chans
@@ -178,19 +165,10 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers)
 
 
-class PatchifyStem(nn.Conv2d):
-    """The plain ViT stem: non-overlapping 16x16 patches, linearly embedded."""
-
-    def __init__(self, dim, in_chans=3, patch_size=16):
-        super().__init__(in_chans, dim, patch_size, stride=patch_size)
-
-
 def random_masking(x, mask_ratio, generator=None, noise=None):
-    """MAE masking by sorting per-sample noise: keep the first L*(1-mask_ratio) tokens of a random
-    permutation. Returns the kept tokens (B, L_keep, D), the mask (B, L; 1 = removed) in the
-    original order, and ids_restore, the inverse permutation that puts the tokens back. noise (B, L)
-    on x's device, when given, is used instead of a draw from `generator` (CPU) and its copy: a
-    training step sends it with the augmentation's parameters (data.Augmentation.views' extra)."""
+    """MAE masking by sorting per-sample noise: the kept tokens, the mask (1 = removed) and ids_restore.
+    noise (B, L) on x's device replaces a draw from `generator` and its copy: a training step sends it
+    with the augmentation's parameters (data.Augmentation.views' extra)."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
     if noise is None:
@@ -205,14 +183,9 @@ def random_masking(x, mask_ratio, generator=None, noise=None):
 
 
 class ViT(nn.Module):
-    """A ViT returning the CLS token after the final LayerNorm.
-
-    stem: "conv" (VTCC, ViT-IC) or "patchify" (16x16, PICI's MAE and VTCC's Table V ablation).
-    positions: "fixed" 2-D sin-cos buffer (VTCC, ViT-IC, PICI's code) or "learnable" parameters
-    initialised from it (the PICI paper). The image size sets the token grid, (image_size / 16)**2
-    tokens plus CLS. init: the authors' code's (the papers are silent), see init_vit_weights:
-    "mocov3" (VTCC's and ViT-IC's code, both built on MoCo v3's ViT) or "mae" (PICI's code, MAE's).
-    """
+    """A ViT returning the final-normed CLS token. stem: "conv" (VTCC, ViT-IC) or "patchify" (PICI's MAE,
+    VTCC Table V). positions: "fixed" sin-cos (VTCC, ViT-IC, PICI's code) or "learnable" (the PICI paper).
+    init (papers silent): "mocov3" (VTCC's and ViT-IC's code) or "mae" (PICI's code)."""
 
     def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed", init="mocov3"):
         super().__init__()
@@ -222,13 +195,9 @@ class ViT(nn.Module):
             raise ValueError(f"stem must be conv|patchify, positions fixed|learnable and init mocov3|mae, got {stem}, {positions}, {init}")
         self.image_size, self.dim = image_size, dim
         self.num_patches = (image_size // 16) ** 2
-        self.stem = ConvStem(dim) if stem == "conv" else PatchifyStem(dim)
+        self.stem = ConvStem(dim) if stem == "conv" else nn.Conv2d(3, dim, 16, stride=16)  # 16x16 patches, embedded
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        table = sincos_2d(dim, image_size // 16)[None]  # (1, 1 + L, dim)
-        if positions == "learnable":
-            self.pos_embed = nn.Parameter(table)
-        else:
-            self.register_buffer("pos_embed", table, persistent=False)
+        add_positions(self, sincos_2d(dim, image_size // 16)[None], positions)  # (1, 1 + L, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_vit_weights(self, split_qkv=init == "mocov3")
@@ -240,8 +209,7 @@ class ViT(nn.Module):
                 nn.init.xavier_uniform_(self.stem.weight.view(dim, -1))  # bias: torch's default, as MAE
 
     def forward_features(self, x, mask_ratio=0.0, generator=None, noise=None):
-        """All tokens after the final norm, (B, 1 + L_kept, dim), and the MAE mask and ids_restore
-        (None without masking); the mask from generator's draw, or from noise (see random_masking)."""
+        """All tokens after the final norm, and the MAE mask and ids_restore (None without masking)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"this ViT was built for {self.image_size} px input, got {tuple(x.shape[-2:])}")
         t = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, dim)
@@ -259,10 +227,8 @@ class ViT(nn.Module):
 
 
 def init_vit_weights(module, split_qkv=False):
-    """Linear layers Xavier-uniform with zero bias, LayerNorm (1, 0), convolutions left to torch (the
-    ViT code the authors build on: MAE's, MoCo v3's). split_qkv: MoCo v3's rule for the fused qkv
-    Linear, each of Q, K and V Xavier over its own (dim, dim) block, so bound sqrt(6 / 2 dim), about
-    1.4x the fused matrix's sqrt(6 / 4 dim); without it (MAE) one Xavier over the fused (3 dim, dim)."""
+    """Linear Xavier-uniform, zero bias; LayerNorm (1, 0); convolutions torch's (MAE's, MoCo v3's code).
+    split_qkv: MoCo v3's rule, each of Q, K, V Xavier over its own (dim, dim) block (MAE: the fused one)."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             if split_qkv and name.endswith("qkv"):
@@ -276,11 +242,9 @@ def init_vit_weights(module, split_qkv=False):
             nn.init.zeros_(m.bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
-# ---------------------------------------------------------------------------------------------
+# --- MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
 def patchify(images, patch_size=16):
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels (p, p, C) inside a patch."""
+    """(B, C, H, W) -> (B, L, p*p*C), row-major patches of (p, p, C) pixels."""
     B, C, H, W = images.shape
     p = patch_size
     x = images.reshape(B, C, H // p, p, W // p, p)
@@ -288,18 +252,13 @@ def patchify(images, patch_size=16):
 
 
 class MAEDecoder(nn.Module):
-    """Embeds the encoder's visible tokens, puts learned mask tokens in the removed places
-    (ids_restore), adds its own position table and predicts the p*p*3 pixels of every patch."""
+    """The visible tokens embedded, mask tokens in the removed places, the p*p*3 pixels of every patch."""
 
     def __init__(self, num_patches, encoder_dim=384, dim=512, depth=8, heads=16, patch_size=16, positions="learnable"):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        table = sincos_2d(dim, math.isqrt(num_patches))[None]
-        if positions == "learnable":
-            self.pos_embed = nn.Parameter(table)
-        else:
-            self.register_buffer("pos_embed", table, persistent=False)
+        add_positions(self, sincos_2d(dim, math.isqrt(num_patches))[None], positions)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_size * patch_size * 3)
@@ -319,25 +278,22 @@ class MAEDecoder(nn.Module):
 
 
 def masked_patch_mse(pred, target, mask, eps=1e-6):
-    """MSE between predicted and true patches over the masked patches only; each target patch is
-    normalised by its own mean and variance first (MAE's norm_pix_loss). pred, target (B, L, P);
-    mask (B, L), 1 = masked."""
+    """MSE over the masked patches (mask 1), each target patch normalised first (MAE's norm_pix_loss)."""
     mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
     target = (target - mean) / (var + eps) ** 0.5
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
     return (per_patch * mask).sum() / mask.sum()
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments: each script declares a dataclass `Args` whose fields carry their help text
-# ---------------------------------------------------------------------------------------------
+# --- Arguments: each script declares a dataclass `Args` whose fields carry their help text
 def arg(default, help, **kwargs):
     """A field of a script's Args: default, help line (citing the paper), argparse keywords (choices=, type=)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
 # What --eval-only does not take from its checkpoint: where this run writes and what it runs on
-RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic", "data_on_device", "threads")
+RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic",
+            "data_on_device", "threads")
 # What --resume may change: nothing that changes what is trained (pici.py checks its stages)
 RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_epochs", "eval_every", "save_every",
                           "tensorboard", "export_features", "data_root", "cache_dir")
@@ -357,38 +313,33 @@ def parse_args(cls, argv=None, description=None, method=None):
         if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
             trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
         return cls(**{**args, **{k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given})
-    auto, out = args["resume"] == "auto", Path(args["out_dir"])
-    folders = [out / args["run_name"]] if args["run_name"] else run_folders(out, run_base(cls(**args), method))[::-1]
+    auto = args["resume"] == "auto"
+    folders = run_folders(cls(**args), method)[1][::-1]
     paths = [p / "checkpoint.pt" for p in folders if (p / "checkpoint.pt").is_file()] if auto else [Path(args["resume"])]
     refused = None
     for path in paths:
         state = read_checkpoint(path, method, mmap=True)
         trained = state["args"]
-        differ = [(k, trained[k], v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and not same(k, trained[k], v)]
+        # a folder of images may be written two ways (relative, absolute, a link)
+        differ = [(k, t, v) for k, v in given.items() if k in trained and k not in RESUME_SAFE
+                  and (t := trained[k]) != v
+                  and not (k == "dataset" and os.path.isdir(v) and os.path.isdir(t) and os.path.samefile(v, t))]
         if not differ:
             break
-        refused = refused or (path, differ)
+        refused = refused or (path, differ, len(paths) > 1)
     else:
         if refused is None:  # --resume auto, no checkpoint yet
             return cls(**args)
-        (path, differ), others = refused, " (nor was any other run of it)" if len(paths) > 1 else ""
+        path, differ, others = refused
+        flags = [" ".join(f"--{d[0].replace('_', '-')} {d[i]}" for d in differ) for i in (1, 2)]
         fail(f"--resume{' auto' if auto else ''} continues the run as it was started, and {path} was trained with "
-             f"{flags(differ, 1)}, not {flags(differ, 2)}{others}: leave these flags out " + ("to continue it, or pass a new "
-             "--run-name (or leave out --resume) to start a new run" if auto else "(the run's own are used), or leave out "
-             "--resume to start a new run"))
+             f"{flags[0]}, not {flags[1]}{' (nor was any other run of it)' if others else ''}: leave these flags out "
+             + ("to continue it, or pass a new --run-name (or leave out --resume) to start a new run" if auto else
+                "(the run's own are used), or leave out --resume to start a new run"))
     check(given.get("epochs") is None or given["epochs"] >= state["epoch"],
           f"--epochs {given.get('epochs')} is fewer than the {state['epoch']} epochs {path} has done: give more to extend the run")
     args["run_name"] = path.parent.name if auto else args["run_name"]  # the folder found, not merely the newest
     return cls(**{**args, **{k: v for k, v in trained.items() if k in args and k not in RUN_ONLY[:4]}, **given})
-
-
-def same(key, a, b):
-    """Equal values, or the same folder of images written two ways (relative, absolute, a link)."""
-    return a == b or key == "dataset" and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
-
-
-def flags(differ, which):
-    return " ".join(f"--{d[0].replace('_', '-')} {d[which]}" for d in differ)
 
 
 def parser(cls, description=None, given_only=False):
@@ -399,7 +350,8 @@ def parser(cls, description=None, given_only=False):
         meta, flag, default = dict(f.metadata), "--" + f.name.replace("_", "-"), argparse.SUPPRESS if given_only else f.default
         help_ = meta.pop("help")
         if isinstance(f.default, bool):  # help set afterwards: some Pythons add their own default
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default).help = f"{help_} (default: {'on' if f.default else 'off'})"
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default).help = \
+                f"{help_} (default: {'on' if f.default else 'off'})"
             continue
         meta.setdefault("type", type(f.default) if f.default is not None else str)
         if meta["type"] in (int, float):
@@ -411,7 +363,6 @@ def parser(cls, description=None, given_only=False):
 
 
 def fail(message, code=2):
-    """Bad input: one clear line on stderr, exit code 2, before any work."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -424,9 +375,7 @@ def check(condition, message):
 check_torch()  # at import: before any script uses an API newer than the floor
 
 
-# ---------------------------------------------------------------------------------------------
-# Device, precision, distributed training (nanoGPT-style, CPU-safe), evaluation in large batches
-# ---------------------------------------------------------------------------------------------
+# --- Device, precision, distributed training (nanoGPT-style, CPU-safe), evaluation in large batches
 def pick_device(name, local_rank=None):
     """An indexed torch.device (cuda:N): `auto` and `cuda` mean the current CUDA device, LOCAL_RANK's under torchrun."""
     try:
@@ -436,9 +385,11 @@ def pick_device(name, local_rank=None):
     check(device.type in ("cpu", "cuda"), f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         check(torch.cuda.is_available(), f"--device {name} asked for CUDA but none is available: use --device cpu")
-        device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device() if device.index is None else device.index)
+        device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device()
+                              if device.index is None else device.index)
         count = torch.cuda.device_count()
-        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), "
+              f"cuda:0 to cuda:{count - 1}")
         torch.cuda.set_device(device)
     return device
 
@@ -456,18 +407,19 @@ def pick_precision(name, device):
 
 
 def prepare(model, run, channels_last=False, compile=False, find_unused=False):
-    """(model on the device, for state dicts and evaluation; net to train: DDP + SyncBatchNorm, compiled)."""
-    model = model.to(run.device, memory_format=torch.channels_last if channels_last and run.device.type == "cuda" else torch.preserve_format)
+    """(model on the device, for state dicts and evaluation; net to train: DDP, SyncBatchNorm, compiled)."""
+    cuda = run.device.type == "cuda"
+    model = model.to(run.device, memory_format=torch.channels_last if channels_last and cuda else torch.preserve_format)
     net = model
     if run.distributed:
-        if run.device.type == "cuda":  # BatchNorm statistics over the global batch, as in one process
+        if cuda:  # BatchNorm statistics over the global batch, as in one process
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif run.is_main:
             print("note: several CPU processes: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
         # CPU: no buffer broadcast before each forward (torch 2.4's in-place one breaks the backward of a
         # step's first view); rank 0's statistics, the checkpoint's, are the same either way.
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                                  find_unused_parameters=find_unused, broadcast_buffers=run.device.type == "cuda")
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None,
+                                                  find_unused_parameters=find_unused, broadcast_buffers=cuda)
     return model, torch.compile(net) if compile else net
 
 
@@ -515,7 +467,8 @@ def store_memory(args, run, share=0.25):
 
 def place_images(images, choice, run, share=0.25):
     """The uint8 dataset on the GPU when it fits in `share` of its free memory (auto): no host transfers."""
-    if run.device.type != "cuda" or choice == "no" or choice == "auto" and images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
+    if run.device.type != "cuda" or choice == "no" or choice == "auto" and \
+            images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
         return images
     return images.to(run.device)
 
@@ -550,71 +503,63 @@ def load_data(args, run, with_unlabeled=False):
             for turn in (True, False):
                 if run.distributed and turn != run.is_main:
                     torch.distributed.barrier()
-                if turn == run.is_main:
+                if turn == run.is_main:  # evaluation has no batch to fill
                     ds = data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                            seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                            storage_size=args.storage_size, cache_dir=str(cache),
-                                           need=None if args.eval_only else args.batch_size,  # evaluation has no batch to fill
-                                           memory=memory)
+                                           need=None if args.eval_only else args.batch_size, memory=memory)
         for w in caught if run.is_main else []:
             print(f"warning: {w.message}", file=sys.stderr, flush=True)
     except data.DataError as e:
         fail(str(e))
     except OSError as e:  # the decoded-image cache cannot be written, e.g. a read-only --data-root
         where = Path(str(e.filename or "")).absolute()
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) or cache not in (where, *where.parents) and where not in cache.parents:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) or \
+                cache not in (where, *where.parents) and where not in cache.parents:
             raise
         fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
     args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
     return ds
 
 
-# ---------------------------------------------------------------------------------------------
-# The run folder and its checkpoint
-# ---------------------------------------------------------------------------------------------
+# --- The run folder and its checkpoint
 def writable(path):
-    """Could this process make files in `path`? Asks the nearest folder that exists; makes nothing."""
+    """Could this process make files in `path`? Asks the nearest folder that exists."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
-def run_base(args, method):
-    return f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}"
-
-
-def run_folders(out, base):
-    """The run folders <base>, <base>-2, <base>-3, ... in `out`, oldest (lowest number) first."""
+def run_folders(args, method):
+    """(base, folders): <out-dir>/<run-name>, or <method>-<dataset>-seed<seed>[-eval] and its numbered
+    -2, -3, ... in --out-dir, oldest (lowest number) first."""
+    out = Path(args.out_dir)
+    if args.run_name:
+        return None, [out / args.run_name]
+    base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
     number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
-    if (out / base).exists():
-        number[out / base] = 1
-    return sorted(number, key=number.get)
+    return base, sorted(([out / base] if (out / base).exists() else []) + list(number), key=lambda p: number.get(p, 1))
 
 
 def run_dir(args, method):
-    """<out-dir>/<run-name>, not made yet; default <method>-<dataset>-seed<seed>[-eval], numbered -2, -3, ...
-    for a new run; `--resume auto` takes the newest holding a checkpoint."""
-    out = Path(args.out_dir)
-    check(writable(out), f"cannot write in --out-dir {out}: pass --out-dir a folder you can write to")
+    """The run folder, not made yet: --run-name, or for a new run after the highest number; `--resume auto`
+    takes the newest holding a checkpoint."""
+    check(writable(args.out_dir), f"cannot write in --out-dir {args.out_dir}: pass --out-dir a folder you can write to")
+    base, runs = run_folders(args, method)
+    resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
     if args.run_name:
-        path = out / args.run_name
-        held = path / "checkpoint.pt"
+        path, held = runs[0], runs[0] / "checkpoint.pt"
         check(args.resume is not None or args.eval_only or not held.exists(),
               f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
         check(args.resume in (None, "auto") or not held.exists() or (Path(args.resume).exists() and os.path.samefile(args.resume, held)),
               f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
+    elif args.resume == "auto" and resumable:
+        path = resumable[-1]
     else:
-        base = run_base(args, method) + ("-eval" if args.eval_only else "")
-        runs = run_folders(out, base)
-        resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
-        if args.resume == "auto" and resumable:
-            path = resumable[-1]
-        else:  # after the highest number
-            path = out / f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else out / base
+        path = Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
-    holder = lock_holder(path)
-    check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
+    claim(path)
     return path
 
 
@@ -623,28 +568,43 @@ def run_dir(args, method):
 _LOCKS = {}
 
 
-def lock_holder(path):
-    """The pid in another process's live lock on the run folder, else None."""
+def lock_holder(path, take=False):
+    """The pid in another process's live lock on the run folder, else None; take: the lock is then this process's."""
     lock = Path(path) / ".lock"
-    if fcntl is None or Path(path).resolve() in _LOCKS or not lock.exists():
+    if fcntl is None or lock.parent.resolve() in _LOCKS or not (take or lock.exists()):
         return None
-    with open(lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+    f = open(lock, "a+" if take else "r")
+    try:
+        fcntl.flock(f, (fcntl.LOCK_EX if take else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        with f:
             return f.read().strip() or "unknown"
+    if not take:
+        return f.close()
+    _LOCKS[lock.parent.resolve()] = f
+    atexit.register(f.close)
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+
+def claim(path, take=False):
+    holder = lock_holder(path, take)
+    check(holder is None, f"{path} is in use by another process (pid {holder}): wait for it to end, or pass another --run-name")
 
 
 def read_checkpoint(path, method, mmap=False):
     """A checkpoint (weights_only), checked to be this method's; mmap: for a look at the arguments only."""
-    path, not_ours = Path(path), f"not a checkpoint of this project: {path}"
-    check(path.is_file(), f"no checkpoint at {path}: give the path of a run's checkpoint.pt")
-    check(path.stat().st_size > 0, f"{not_ours} is empty; give the path of a run's checkpoint.pt")
+    path, give = Path(path), "give the path of a run's checkpoint.pt"
+    not_ours = f"not a checkpoint of this project: {path}"
+    check(path.is_file(), f"no checkpoint at {path}: {give}")
+    check(path.stat().st_size > 0, f"{not_ours} is empty; {give}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # a foreign or truncated file; torch's own message is advice about pickles
-        fail(f"{not_ours} cannot be read as one (a truncated copy, or another kind of file); give the path of a run's checkpoint.pt")
-    check(isinstance(state, dict) and "method" in state, f"{not_ours} holds something else; give the path of a run's checkpoint.pt")
+        fail(f"{not_ours} cannot be read as one (a truncated copy, or another kind of file); {give}")
+    check(isinstance(state, dict) and "method" in state, f"{not_ours} holds something else; {give}")
     check(state["method"] == method, f"{path} is a checkpoint of {state['method']!r}, not {method!r}: use {state['method']}.py")
     check(all(k in state for k in ("epoch", "model", "args")), f"{not_ours} lacks the model, epoch or args")
     return state
@@ -677,7 +637,6 @@ def restore(run, state):
 
 
 def cpu_copy(obj):
-    """A CPU copy of a state that later steps cannot change."""
     if isinstance(obj, dict):
         return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -685,19 +644,11 @@ def cpu_copy(obj):
     return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
 
 
-def logged_epoch(line):
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line cut short by a kill: dropped
-
-
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread as KeyboardInterrupt is for Ctrl-C."""
 
 
 def on_signals(handler):
-    """`handler` for Ctrl-C and SIGTERM (main thread only); returns the handlers it replaced."""
     main = threading.current_thread() is threading.main_thread()
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
 
@@ -718,12 +669,17 @@ def duration(seconds):
     return f"{days}d {text}" if days else text
 
 
+def weighted(weights, values):
+    return sum(w * v for w, v in zip(weights or [1] * len(values), values))
+
+
 class Run:
     """One run: what it runs on (device, autocast dtype, rank) and its folder (lock, log, progress line,
     checkpoint, result files). `with run:` around the epoch loop makes the folder; a Ctrl-C, SIGTERM or
     error there writes the last finished epoch (checkpoint.pt holds finished epochs only, so a resumed
     run ends as an uninterrupted one on the CPU; a kill -9 costs the epochs since the last write)."""
-    delay, refresh, every = 2.0, 0.5, 60.0  # progress line: not before `delay` s of an epoch, then every `refresh` s; in a file every `every` s
+    # progress line: not before `delay` s of an epoch, then every `refresh` s; in a file every `every` s
+    delay, refresh, every = 2.0, 0.5, 60.0
     clock = time.monotonic
 
     def __init__(self, args, method):
@@ -734,13 +690,15 @@ class Run:
         self.args, self.method, self.eval_only = args, method, bool(args.eval_only)
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
         self.distributed, self.is_main = self.world_size > 1, self.rank == 0
-        check(args.batch_size % self.world_size == 0, f"--batch-size {args.batch_size} (the global batch) must divide by the {self.world_size} processes")
+        check(args.batch_size % self.world_size == 0,
+              f"--batch-size {args.batch_size} (the global batch) must divide by the {self.world_size} processes")
         if args.deterministic:  # cuBLAS reads it when CUDA starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if self.distributed else None)
-        if self.distributed and not torch.distributed.is_initialized():  # rank 0 alone evaluates while the others wait:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"  # a timeout past NCCL's 10 minutes
-            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=3))
+        cuda = self.device.type == "cuda"
+        if self.distributed and not torch.distributed.is_initialized():  # rank 0 alone evaluates while the others
+            # wait: a timeout past NCCL's 10 minutes
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
             atexit.register(torch.distributed.destroy_process_group)
         if args.precision is None:  # the flag left out: the authors trained in fp32, so their recipe does (kept on --resume)
             args.precision = "fp32" if getattr(args, "recipe", None) == "authors" else "auto"
@@ -748,13 +706,13 @@ class Run:
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         if args.threads:
             torch.set_num_threads(args.threads)
-        if self.device.type == "cuda":  # TF32 rounds matmul inputs to 10 mantissa bits: fine under autocast, not for fp32
+        if cuda:  # TF32 rounds matmul inputs to 10 mantissa bits: fine under autocast, not for fp32
             torch.backends.cudnn.benchmark = not args.deterministic
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.dtype is not None
             for backend in ("flash", "mem_efficient", "cudnn") if args.deterministic else ():  # non-deterministic backward
                 getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
         if args.deterministic:  # strict on CUDA: an op without such a kernel stops the run
-            torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cuda")
+            torch.use_deterministic_algorithms(True, warn_only=not cuda)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         self.path = run_dir(args, method)
@@ -788,18 +746,18 @@ class Run:
         """The header line; --eval-only's or --resume's checkpoint (with the same `same` args) loaded.
         Returns (first epoch, checkpoint or None). extra(epoch): the method's own checkpoint entries."""
         self.ds, self.model, self.optimizer, self.scaler, self.generator, self.extra = ds, model, optimizer, scaler, generator, extra
-        params = sum(p.numel() for p in model.parameters()) / 1e6
         self.print(f"{title} | dataset {ds.name} | {len(ds.images)} images | K {ds.num_classes} | device {self.device} "
-                   f"| precision {self.precision} | {params:.2f}M parameters | world {self.world_size} | run {self.path}")
-        path = self.args.eval_only or self.args.resume
-        if path == "auto" and not (self.path / "checkpoint.pt").exists():  # a scheduler may repeat one command
+                   f"| precision {self.precision} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+                   f"| world {self.world_size} | run {self.path}")
+        path, own = self.args.eval_only or self.args.resume, self.path / "checkpoint.pt"
+        if path == "auto" and not own.exists():  # a scheduler may repeat one command
             self.print(f"--resume auto: no checkpoint in {self.path} yet, starting from epoch 0")
         elif path:
-            state = read_checkpoint(self.path / "checkpoint.pt" if path == "auto" else path, self.method)
+            state = read_checkpoint(own if path == "auto" else path, self.method)
             check(all(state["args"][k] == getattr(self.args, k) for k in same),
                   f"the checkpoint was trained with other {'/'.join('--' + k for k in same)}: pass the values it was trained with")
             self.epoch = restore(self, state)
-            self.saved = self.epoch if (self.path / "checkpoint.pt").exists() else None  # what a stop before the next epoch keeps
+            self.saved = self.epoch if own.exists() else None  # what a stop before the next epoch keeps
             stage = f" (stage {state['stage']})" if "stage" in state else ""
             self.print(f"{'evaluating the checkpoint of' if self.eval_only else 'resumed from'} epoch {self.epoch}{stage}")
             return self.epoch, state
@@ -818,26 +776,16 @@ class Run:
 
     def __enter__(self):
         """The folder, now the start passed every check: its lock, args.json, log.jsonl cut back to the
-        first epoch (a resumed run repeats what followed its checkpoint)."""
+        first epoch (a resumed run repeats what followed its checkpoint; a line cut short by a kill goes)."""
         self.started = self.wall = time.perf_counter()
         self.sigterm = signal.signal(signal.SIGTERM, self.terminate)
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            if fcntl is not None and self.path.resolve() not in _LOCKS:
-                f = _LOCKS[self.path.resolve()] = open(self.path / ".lock", "a+")
-                atexit.register(f.close)
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    f.seek(0)
-                    fail(f"{self.path} is in use by another process (pid {f.read().strip() or 'unknown'}): wait for it to end, or pass another --run-name")
-                f.truncate(0)
-                f.write(f"{os.getpid()}\n")
-                f.flush()
+            claim(self.path, take=True)
             (self.path / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
             log = self.path / "log.jsonl"
             lines = log.read_text().splitlines() if log.exists() else []
-            kept = [line for line in lines if logged_epoch(line) <= self.epoch]
+            kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] <= self.epoch]
             if kept != lines:
                 (self.path / "log.tmp").write_text("".join(line + "\n" for line in kept))
                 os.replace(self.path / "log.tmp", log)
@@ -857,10 +805,10 @@ class Run:
             for s, handler in ignored.items():
                 signal.signal(s, handler)
             why = {KeyboardInterrupt: "Ctrl-C (SIGINT)", Terminated: "SIGTERM"}.get(kind, "an error")
-            where = f"stopped by {why} in epoch {self.epoch + 1}/{self.args.epochs}: "
-            self.print(where + ("no epoch had finished, so there is no checkpoint (--resume auto starts afresh)" if self.saved is None else
-                                f"{self.path / 'checkpoint.pt'} holds epoch {self.saved}; --resume auto continues from there "
-                                f"(epoch {self.saved + 1} is repeated)"))
+            self.print(f"stopped by {why} in epoch {self.epoch + 1}/{self.args.epochs}: " + (
+                "no epoch had finished, so there is no checkpoint (--resume auto starts afresh)" if self.saved is None
+                else f"{self.path / 'checkpoint.pt'} holds epoch {self.saved}; --resume auto continues from there "
+                f"(epoch {self.saved + 1} is repeated)"))
         if kind in (KeyboardInterrupt, Terminated):
             raise SystemExit(130 if kind is KeyboardInterrupt else 143)
         if "does not have a deterministic implementation" in str(error):  # strict --deterministic on CUDA
@@ -901,24 +849,24 @@ class Run:
         if epoch != self.shown:  # the time from the run's first epoch to here sets the pace
             self.first, self.timed = (now, 0) if self.shown is None else (self.first, self.timed + 1)
             self.shown, self.begun, self.last_line, self.step, self.steps = epoch, now, now, 0, 0
-        tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         wait, interval = (self.delay, self.refresh) if tty else (self.every, self.every)
         try:
             for batch in batches:
                 yield batch
                 self.step, self.steps, now = self.step + 1, self.steps + (totals is not None), self.clock()
-                if self.is_main and now - self.begun >= wait and now - self.last_line >= interval:
-                    self.last_line, elapsed = now, now - self.begun
-                    per_step = elapsed / self.step
-                    left = max(steps - self.step, 0) * per_step  # then epochs as timed so far, else at this one's pace
-                    per_epoch = (self.begun - self.first) / self.timed if self.timed else per_step * steps
-                    parts = [f"epoch {epoch + 1}/{self.args.epochs} step {self.step}/{steps}"]
-                    if totals is not None and self.steps:
-                        sums = totals.tolist()  # the one device sync, per shown line
-                        parts.append(f"loss {sum(w * s for w, s in zip(weights or [1.0] * len(sums), sums)) / self.steps:.4f}")
-                    parts += [f"{self.step * self.args.batch_size / max(elapsed, 1e-9):.0f} img/s",
-                              f"left {duration(left)}, run {duration(left + (self.args.epochs - epoch - 1) * per_epoch)}"]
-                    (self.live if tty else self.print)(" | ".join(parts))  # short: 80 columns
+                if not (self.is_main and now - self.begun >= wait and now - self.last_line >= interval):
+                    continue
+                self.last_line, elapsed = now, now - self.begun
+                # this epoch at its pace so far, then the others as timed so far (else at this one's pace)
+                left = max(steps - self.step, 0) * elapsed / self.step
+                per_epoch = (self.begun - self.first) / self.timed if self.timed else elapsed / self.step * steps
+                line = f"epoch {epoch + 1}/{self.args.epochs} step {self.step}/{steps}"
+                if totals is not None and self.steps:  # the one device sync, per shown line
+                    line += f" | loss {weighted(weights, totals.tolist()) / self.steps:.4f}"
+                (self.live if tty else self.print)(  # short: 80 columns
+                    f"{line} | {self.step * self.args.batch_size / max(elapsed, 1e-9):.0f} img/s | left "
+                    f"{duration(left)}, run {duration(left + (self.args.epochs - epoch - 1) * per_epoch)}")
         finally:
             self.clear_line()
 
@@ -927,13 +875,14 @@ class Run:
         --eval-every epochs (or if evaluate_now), log.jsonl, TensorBoard, the epoch line, the checkpoint."""
         args, seconds, means = self.args, time.perf_counter() - self.started, (totals / self.steps).tolist()
         self.train_seconds, self.seen = self.train_seconds + seconds, self.seen + self.steps * args.batch_size
-        record = {"epoch": epoch + 1, **({"stage": stage} if stage else {}), "loss": sum(w * m for w, m in zip(weights or [1] * len(means), means)),
+        record = {"epoch": epoch + 1, **({"stage": stage} if stage else {}), "loss": weighted(weights, means),
                   **{f"loss_{t}": m for t, m in zip(terms, means)}, **extra, "lr": args.lr,
                   "img_per_s": self.steps * args.batch_size / seconds, "seconds": seconds}
         if not math.isfinite(record["loss"]):  # stopped before the bad state can overwrite the last good checkpoint
             good = self.path / "checkpoint.pt"
-            fail(f"the loss became NaN or infinite in epoch {epoch + 1}; " + (f"the last good checkpoint is {good}" if good.exists()
-                 else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)", code=1)
+            fail(f"the loss became NaN or infinite in epoch {epoch + 1}; " + (f"the last good checkpoint is {good}" if
+                 good.exists() else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)",
+                 code=1)
         if evaluate_now is None:
             evaluate_now = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
         if self.is_main and evaluate and evaluate_now:
@@ -942,13 +891,17 @@ class Run:
             with open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.scalars(record, epoch + 1)
-            if record.get("collapse"):
-                self.print(collapse_warning(record, self.path, f"epoch {epoch + 1}"))
+            self.warn(record, f"epoch {epoch + 1}")
         self.print(" | ".join([f"epoch {epoch + 1}/{args.epochs}", *(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss")),
                                *(f"{k} {record[k]:.3f}" for k in ("nmi", "acc", "ari") if record.get(k) is not None),
                                f"{record['img_per_s']:.0f} img/s", f"left {duration(seconds * (args.epochs - epoch - 1))}"]))
         self.snapshot(epoch + 1)
         self.started = time.perf_counter()
+
+    def warn(self, record, when):
+        if record.get("collapse"):
+            self.print(f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of "
+                       f"every evaluation (empty, max_share, entropy) is in {self.path / 'log.jsonl'}")
 
     def scalars(self, record, step):
         """Every number of `record` to TensorBoard at `step` (the epoch), one panel per group."""
@@ -973,10 +926,12 @@ class Run:
         record = evaluation_record(ds.labels, pred, ds.num_classes)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-        stats = {"epochs": self.epoch, "img_per_s": self.seen / max(self.train_seconds, 1e-9), "wall_seconds": time.perf_counter() - self.wall,
-                 "device": str(self.device), "precision": self.precision, "peak_memory_mb": round(peak, 1), "world_size": self.world_size}
-        health = {k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")}  # collapse: None when healthy
-        final = {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **stats, **health, "classes": list(ds.classes), **provenance()}
+        stats = {"epochs": self.epoch, "img_per_s": self.seen / max(self.train_seconds, 1e-9), "wall_seconds":
+                 time.perf_counter() - self.wall, "device": str(self.device), "precision": self.precision,
+                 "peak_memory_mb": round(peak, 1), "world_size": self.world_size}
+        final = {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **stats,  # collapse: None when healthy
+                 **{k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")},
+                 "classes": list(ds.classes), **provenance()}
         (self.path / "final.json").write_text(json.dumps(final, indent=2) + "\n")
         with open(self.path / "assignments.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -990,22 +945,19 @@ class Run:
         self.print("final: unlabelled data, no metrics" if record["nmi"] is None else
                    f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
         self.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {self.epoch} epochs | files in {self.path}")
-        if record.get("collapse"):
-            self.print(collapse_warning(record, self.path, "final evaluation"))
+        self.warn(record, "final evaluation")
         return record
 
 
 def scalar_tag(key):
-    """TensorBoard's tag of a log.jsonl key, one panel per group."""
+    """One TensorBoard panel per group."""
     group = "eval/" if key in ("nmi", "acc", "ari") else "health/" if key in ("entropy", "min_share", "max_share", "empty") else "train/"
     return "loss/" + (key[5:] or "total") if key.startswith("loss") else group + key
 
 
-# ---------------------------------------------------------------------------------------------
-# Results: evaluation records, the collapse warning, provenance, clusters.png
-# ---------------------------------------------------------------------------------------------
+# --- Results: evaluation records, the collapse warning, provenance, clusters.png
 def evaluation_record(labels, pred, num_clusters):
-    """Metrics (None for unlabelled data) and cluster health for one set of assignments."""
+    """Metrics (None for unlabelled data) and cluster health."""
     record = {"nmi": None, "acc": None, "ari": None}
     if labels is not None:
         record.update(cluster_metrics(labels.numpy(), pred.numpy()))
@@ -1026,24 +978,16 @@ def collapse(pred, num_clusters, labels=None):
     return "the predictions " + " and ".join(seen) if seen else None
 
 
-def collapse_warning(record, run_path, when):
-    return (f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of every evaluation "
-            f"(empty, max_share, entropy) is in {Path(run_path) / 'log.jsonl'}")
-
-
 def provenance():
-    """How this run was made: the command line, library versions, the scripts' git commit (None outside a checkout)."""
-    try:
-        import torchvision
-        tv = torchvision.__version__
-    except ImportError:
-        tv = None
+    """How this run was made: the command line, library versions, the scripts' git commit."""
+    import torchvision  # a requirement
+
     return {"command": shlex.join(["python", *sys.argv]), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": tv, **git_state(Path(__file__).resolve().parent)}
+            "torchvision": torchvision.__version__, **git_state(Path(__file__).resolve().parent)}
 
 
 def git_state(folder):
-    """{"git_commit": HEAD's hash, "git_dirty": uncommitted changes to tracked files}, None for each without git."""
+    """HEAD's hash and whether tracked files have changes; None for each without git."""
     def git(*cmd):
         return subprocess.run(["git", "-C", str(folder), *cmd], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
@@ -1070,15 +1014,16 @@ def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
             share = f"{counts[tops[0]] / len(members):.0%} of the cluster"
             lines += [f"tie: {names}", f"{share} each"] if len(tops) > 1 else [names, share]
         rows.append((c, members, lines))
-    notes = [f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} are in assignments.csv"]
     empty = [c for c in range(num_clusters) if sizes[c] == 0]
-    notes = notes[len(order) <= max_rows:] + ([f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty))] if empty else [])
-    return rows, notes
+    notes = [f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} are in "
+             "assignments.csv",
+             f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty))]
+    return rows, notes[len(order) <= max_rows:2 if empty else 1]
 
 
 def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clusters=0, per_row=10, size=64, panel=150, pad=2):
     """clusters.png: per cluster (grid_plan) a label panel, then its `per_row` most confident images
-    (torchvision's make_grid); the notes underneath, in PIL's default font."""
+    (torchvision's make_grid); the notes underneath, in PIL's default font, in ASCII (ascii_text)."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
@@ -1088,26 +1033,33 @@ def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clu
         font = ImageFont.load_default(size=12)  # Pillow >= 10.1: a scalable font
     except TypeError:
         font = ImageFont.load_default()
-    box = font.getbbox("Ag")
-    line, width = box[3] - box[1] + 2, panel + per_row * (size + pad) + pad  # four lines fit beside a thumbnail
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    notes = [part for note in notes for part in wrap(ascii_text(note), width - 4 * pad, draw, font)]
-    canvas = Image.new("RGB", (width, len(rows) * (size + pad) + pad + (len(notes) * line + 2 * pad if notes else 0)), "white")
+    box, width = font.getbbox("Ag"), panel + per_row * (size + pad) + pad
+    line, room = box[3] - box[1] + 2, panel - 3 * pad - 4  # four lines fit beside a thumbnail
+    draw, wrapped = ImageDraw.Draw(Image.new("RGB", (1, 1))), []
+    fits = lambda text, room: draw.textlength(text, font=font) <= room  # noqa: E731
+    for note in map(ascii_text, notes):  # in lines that fit, broken at spaces
+        wrapped.append("")
+        for word in note.split(" "):
+            if wrapped[-1] and not fits(f"{wrapped[-1]} {word}", width - 4 * pad):
+                wrapped.append(word)
+            else:
+                wrapped[-1] = f"{wrapped[-1]} {word}".lstrip(" ")
+    height = len(rows) * (size + pad) + pad + (len(wrapped) * line + 2 * pad if wrapped else 0)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (c, members, lines) in enumerate(rows):
         top = pad + i * (size + pad)
         draw.rectangle([pad, top, panel - 1, top + size - 1], fill=(232, 232, 232))
-        for j, text in enumerate(lines):
-            text = ascii_text(text)
-            if draw.textlength(text, font=font) > panel - 3 * pad - 4:  # cut with "..." to fit the panel
-                while text and draw.textlength(text + "...", font=font) > panel - 3 * pad - 4:
+        for j, text in enumerate(map(ascii_text, lines)):
+            if not fits(text, room):  # cut with "..." to fit the panel
+                while text and not fits(text + "...", room):
                     text = text[:-1]
                 text += "..."
             draw.text((2 * pad + 2, top + 1 + j * line), text, fill="black", font=font)
         members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
         thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         canvas.paste(to_pil_image(make_grid(thumbs, nrow=per_row, padding=pad, pad_value=1.0)), (panel, top - pad))
-    for j, text in enumerate(notes):
+    for j, text in enumerate(wrapped):
         draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line), text, fill="black", font=font)
     canvas.save(path)
 
@@ -1122,17 +1074,3 @@ def ascii_text(text):
     are folder names, often accented."""
     return "".join(ch if " " <= ch <= "~" else ASCII_LETTERS.get(ch) or
                    "".join(c for c in unicodedata.normalize("NFKD", ch) if " " <= c <= "~") or "?" for ch in text)
-
-
-def wrap(text, width, draw, font):
-    """`text` in lines of at most `width` pixels, broken at spaces."""
-    lines = [""]
-    for word in text.split(" "):
-        candidate = f"{lines[-1]} {word}" if lines[-1] else word
-        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
-            lines[-1] = candidate
-        else:
-            lines.append(word)
-    return lines
-
-
