@@ -191,8 +191,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate (Sec. 4.1.2)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
-    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    start_epoch, _ = run.start("CC", ds, model, optimizer, scaler, gen)  # --eval-only's or --resume's checkpoint, if any
+    start_epoch, _ = run.start("CC", ds, model, optimizer, scaler)  # --eval-only's or --resume's checkpoint, if any
     images = common.place_images(ds.images, args.data_on_device, run)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
 
@@ -204,6 +203,7 @@ def main(argv=None):
 
     with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            gen = common.generator(args.seed, epoch, run.rank)  # augmentation: a stream per epoch and process; rank 0's shuffles
             totals = torch.zeros(len(terms), device=run.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains the instance head only (Sec. 4.1)
                 for x, _, _ in run.progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=run.rank,

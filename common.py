@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import datetime
 import errno
+import io
 import json
 import math
 import os
@@ -285,61 +286,53 @@ def masked_patch_mse(pred, target, mask, eps=1e-6):
     return (per_patch * mask).sum() / mask.sum()
 
 
-# --- Arguments: each script declares a dataclass `Args` whose fields carry their help text
+# --- Arguments: each script's dataclass `Args`, a field per flag with its help text
 def arg(default, help, **kwargs):
-    """A field of a script's Args: default, help line (citing the paper), argparse keywords (choices=, type=)."""
+    """A field of Args: default, help line (citing the paper), argparse keywords (choices=, type=)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
-# What --eval-only does not take from its checkpoint: where this run writes and what it runs on
+# What --eval-only does not take from its checkpoint (--resume: the first four); what --resume may change
 RUN_ONLY = ("eval_only", "resume", "out_dir", "run_name", "device", "precision", "compile", "deterministic",
             "data_on_device", "threads")
-# What --resume may change: nothing that changes what is trained (pici.py checks its stages)
 RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_epochs", "eval_every", "save_every",
-                          "tensorboard", "export_features", "data_root", "cache_dir")
+                          "tensorboard", "export_features", "data_root", "cache_dir")  # pici.py checks its stages
 
 
 def parse_args(cls, argv=None, description=None, method=None):
-    """The command line as a `cls`; --eval-only and --resume take the checkpoint's arguments (flags given
-    override them, or for --resume may differ in RESUME_SAFE only). `--resume auto`: --run-name's checkpoint,
-    or the newest of this method, dataset and seed fitting the flags given; none: a fresh start."""
-    args = vars(parser(cls, description).parse_args(argv))
+    """The command line as a `cls`. --eval-only and --resume take the checkpoint's arguments, flags given
+    override them (--resume: RESUME_SAFE ones only). `--resume auto`: --run-name's checkpoint, or the newest
+    of this method, dataset and seed that fits the flags given; none: a fresh start."""
+    args, given = (vars(parser(cls, description, only).parse_args(argv)) for only in (False, True))
     check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
-    if not (args["eval_only"] or args["resume"]):
-        return cls(**args)
-    given = vars(parser(cls, description, given_only=True).parse_args(argv))
     if args["eval_only"]:
         trained = read_checkpoint(args["eval_only"], method)["args"]
-        if given.get("dataset", trained.get("dataset")) != trained.get("dataset"):
-            trained.pop("max_images", None)  # a subset of the training data says nothing about another dataset
+        if given.get("dataset", trained["dataset"]) != trained["dataset"]:
+            del trained["max_images"]  # a subset of the training data says nothing about another dataset
         return cls(**{**args, **{k: v for k, v in trained.items() if k in args and k not in RUN_ONLY}, **given})
-    auto = args["resume"] == "auto"
-    folders = run_folders(cls(**args), method)[1][::-1]
-    paths = [p / "checkpoint.pt" for p in folders if (p / "checkpoint.pt").is_file()] if auto else [Path(args["resume"])]
-    refused = None
+    auto, refused = args["resume"] == "auto", None
+    paths = [p / "checkpoint.pt" for p in run_folders(cls(**args), method)[1][::-1] if (p / "checkpoint.pt").is_file()] \
+        if auto else [Path(args["resume"])] if args["resume"] else []
     for path in paths:
         state = read_checkpoint(path, method, mmap=True)
-        trained = state["args"]
-        # a folder of images may be written two ways (relative, absolute, a link)
-        differ = [(k, t, v) for k, v in given.items() if k in trained and k not in RESUME_SAFE
-                  and (t := trained[k]) != v
+        trained = state["args"]  # (a folder of images may be named two ways: relative, absolute, a link)
+        differ = [(k, t, v) for k, v in given.items() if k in trained and k not in RESUME_SAFE and (t := trained[k]) != v
                   and not (k == "dataset" and os.path.isdir(v) and os.path.isdir(t) and os.path.samefile(v, t))]
-        if not differ:
-            break
-        refused = refused or (path, differ, len(paths) > 1)
-    else:
-        if refused is None:  # --resume auto, no checkpoint yet
-            return cls(**args)
-        path, differ, others = refused
-        flags = [" ".join(f"--{d[0].replace('_', '-')} {d[i]}" for d in differ) for i in (1, 2)]
-        fail(f"--resume{' auto' if auto else ''} continues the run as it was started, and {path} was trained with "
-             f"{flags[0]}, not {flags[1]}{' (nor was any other run of it)' if others else ''}: leave these flags out "
-             + ("to continue it, or pass a new --run-name (or leave out --resume) to start a new run" if auto else
-                "(the run's own are used), or leave out --resume to start a new run"))
-    check(given.get("epochs") is None or given["epochs"] >= state["epoch"],
-          f"--epochs {given.get('epochs')} is fewer than the {state['epoch']} epochs {path} has done: give more to extend the run")
-    args["run_name"] = path.parent.name if auto else args["run_name"]  # the folder found, not merely the newest
-    return cls(**{**args, **{k: v for k, v in trained.items() if k in args and k not in RUN_ONLY[:4]}, **given})
+        if differ:
+            refused = refused or (path, differ)
+            continue
+        check(given.get("epochs", state["epoch"]) >= state["epoch"], f"--epochs {given.get('epochs')} is fewer than "
+              f"the {state['epoch']} epochs {path} has done: give more to extend the run")
+        found = {"run_name": path.parent.name} if auto else {}  # the folder found, not merely the newest
+        return cls(**{**args, **{k: v for k, v in trained.items() if k in args and k not in RUN_ONLY[:4]}, **given, **found})
+    if refused:
+        path, differ = refused
+        was, now = (" ".join(f"--{d[0].replace('_', '-')} {d[i]}" for d in differ) for i in (1, 2))
+        fail(f"--resume{' auto' if auto else ''} continues the run as it was started, and {path} was trained with {was}, "
+             f"not {now}{' (nor was any other run of it)' if len(paths) > 1 else ''}: leave these flags out " + (
+                 "to continue it, or pass a new --run-name (or leave out --resume) to start a new run" if auto else
+                 "(the run's own are used), or leave out --resume to start a new run"))
+    return cls(**args)
 
 
 def parser(cls, description=None, given_only=False):
@@ -347,18 +340,17 @@ def parser(cls, description=None, given_only=False):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # `--epoch 2` must not quietly set --epochs
     for f in dataclasses.fields(cls):
-        meta, flag, default = dict(f.metadata), "--" + f.name.replace("_", "-"), argparse.SUPPRESS if given_only else f.default
-        help_ = meta.pop("help")
+        kw, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
+        help_, default = kw.pop("help"), argparse.SUPPRESS if given_only else f.default
         if isinstance(f.default, bool):  # help set afterwards: some Pythons add their own default
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default).help = \
                 f"{help_} (default: {'on' if f.default else 'off'})"
             continue
-        meta.setdefault("type", type(f.default) if f.default is not None else str)
-        if meta["type"] in (int, float):
-            meta.setdefault("metavar", "N" if meta["type"] is int else "X")
-        if "choices" in meta:  # a|b|c: argparse's {a,b,c} garbles a choice such as "pisd,cli"
-            meta.setdefault("metavar", "|".join(map(str, meta["choices"])))
-        p.add_argument(flag, default=default, help=help_ + ("" if f.default is None else f" (default: {f.default})"), **meta)
+        kw.setdefault("type", str if f.default is None else type(f.default))
+        kw.setdefault("metavar", {int: "N", float: "X"}.get(kw["type"]))
+        if "choices" in kw:  # a|b|c: argparse's {a,b,c} garbles a choice such as "pisd,cli"
+            kw["metavar"] = kw["metavar"] or "|".join(map(str, kw["choices"]))
+        p.add_argument(flag, default=default, help=help_ + ("" if f.default is None else f" (default: {f.default})"), **kw)
     return p
 
 
@@ -375,62 +367,60 @@ def check(condition, message):
 check_torch()  # at import: before any script uses an API newer than the floor
 
 
-# --- Device, precision, distributed training (nanoGPT-style, CPU-safe), evaluation in large batches
+# --- Device, precision, several processes (torchrun), evaluation in large batches
 def pick_device(name, local_rank=None):
-    """An indexed torch.device (cuda:N): `auto` and `cuda` mean the current CUDA device, LOCAL_RANK's under torchrun."""
+    """cuda:N for `auto` and `cuda`: the current CUDA device, LOCAL_RANK's under torchrun."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
-        fail(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
-    check(device.type in ("cpu", "cuda"), f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
+        device = torch.device("meta")  # refused below
+    check(device.type in ("cpu", "cuda"), f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         check(torch.cuda.is_available(), f"--device {name} asked for CUDA but none is available: use --device cpu")
-        device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device()
-                              if device.index is None else device.index)
-        count = torch.cuda.device_count()
-        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s), "
-              f"cuda:0 to cuda:{count - 1}")
+        index, count = device.index if device.index is not None else local_rank, torch.cuda.device_count()
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        check(device.index < count, f"--device {device} does not exist: this machine has {count} CUDA device(s)")
         torch.cuda.set_device(device)
     return device
 
 
 def pick_precision(name, device):
-    """The autocast dtype (None: fp32); auto: bf16 on a GPU with native bf16 (8.0 on), else fp16; fp32 on the CPU."""
+    """The autocast dtype (None: fp32); auto: bf16 on a GPU with native bf16, else fp16; fp32 on the CPU."""
     check(name in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {name!r}: use auto, fp32, bf16 or fp16")
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # the current device's
-    name = ("bf16" if native else "fp16" if device.type == "cuda" else "fp32") if name == "auto" else name
-    check(name != "fp16" or device.type == "cuda", "--precision fp16 needs CUDA: use fp32 or bf16 on the CPU")
-    if name == "bf16" and device.type == "cuda" and not native:
-        fail(f"--precision bf16: {device} only emulates bf16 (compute capability {torch.cuda.get_device_capability(device)}, "
-             "native from 8.0): use fp16 or fp32")
+    cuda = device.type == "cuda"
+    native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    name = ("bf16" if native else "fp16" if cuda else "fp32") if name == "auto" else name
+    check(name != "fp16" or cuda, "--precision fp16 needs CUDA: use fp32 or bf16 on the CPU")
+    if name == "bf16" and cuda and not native:
+        fail(f"--precision bf16: {device} only emulates bf16 (compute capability "
+             f"{torch.cuda.get_device_capability(device)}, native from 8.0): use fp16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def prepare(model, run, channels_last=False, compile=False, find_unused=False):
-    """(model on the device, for state dicts and evaluation; net to train: DDP, SyncBatchNorm, compiled)."""
+    """(model on the device, for state dicts and evaluation; the net to train: DDP, SyncBatchNorm, compiled)."""
     cuda = run.device.type == "cuda"
-    model = model.to(run.device, memory_format=torch.channels_last if channels_last and cuda else torch.preserve_format)
-    net = model
+    model = net = model.to(run.device, memory_format=torch.channels_last if channels_last and cuda else torch.preserve_format)
     if run.distributed:
         if cuda:  # BatchNorm statistics over the global batch, as in one process
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif run.is_main:
-            print("note: several CPU processes: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
-        # CPU: no buffer broadcast before each forward (torch 2.4's in-place one breaks the backward of a
-        # step's first view); rank 0's statistics, the checkpoint's, are the same either way.
+        else:
+            run.print("note: several CPU processes: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
+        # CPU: no buffer broadcast (torch 2.4's, in place, breaks the backward of a step's first view); it
+        # would not change rank 0's statistics, the checkpoint's
         net = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None,
                                                   find_unused_parameters=find_unused, broadcast_buffers=cuda)
     return model, torch.compile(net) if compile else net
 
 
 def gather(*tensors):
-    """Every process's rows with gradients: the loss (and with DDP's averaging its gradient) over the global batch."""
+    """Every process's rows, with gradients: a loss (and DDP's averaged gradient) over the global batch."""
     out = tuple(Gather.apply(t) for t in tensors) if torch.distributed.is_initialized() else tensors
     return out if len(out) > 1 else out[0]
 
 
 class Gather(torch.autograd.Function):
-    """all_gather_single whose backward sums the processes' gradients (torch.distributed.nn's is deprecated)."""
+    """all_gather whose backward sums the processes' gradients (torch.distributed.nn's is deprecated)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -445,8 +435,26 @@ class Gather(torch.autograd.Function):
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
 
+@torch.inference_mode()
+def predict(fn, images, transform, run, batch_size=512):
+    """fn(transform(uint8 batch on the device)) -> dict of (B, ...) tensors, concatenated on the CPU in fp32."""
+    out = {}
+    for i in range(0, len(images), batch_size):
+        with run.autocast():
+            for key, value in fn(transform(images[i:i + batch_size].to(run.device, non_blocking=True))).items():
+                out.setdefault(key, []).append(value.float())  # kept on the device: no wait per batch
+    return {key: torch.cat(values).cpu() for key, values in out.items()}
+
+
+def export_features(run, fn, model, images, transform):
+    """features.npy: fn(x) of every image (what the method clusters), float16, in dataset order, on the eval view."""
+    model.eval()
+    np.save(run.path / "features.npy", predict(lambda x: {"f": fn(x)}, images, transform, run)["f"].numpy().astype(np.float16))
+    model.train()
+
+
 def host_memory():
-    """Bytes of host memory available now (Linux: MemAvailable), or None where it cannot be read."""
+    """Bytes of host memory available now (Linux: MemAvailable), or None."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -455,9 +463,8 @@ def host_memory():
 
 
 def store_memory(args, run, share=0.25):
-    """Bytes the uint8 dataset may take without --storage-size (data.storage_side): half the host's available
-    memory, and under --data-on-device yes place_images' share of the GPU's (auto: a dataset too large for
-    the GPU stays on the host at its native size, as the authors' loaders keep it)."""
+    """What the uint8 dataset may take (data.storage_side): half the host's available memory; under
+    --data-on-device yes also place_images' share of the GPU's (auto: too large, it stays on the host)."""
     host = host_memory()
     limits = [host // 2] if host else []
     if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
@@ -473,37 +480,19 @@ def place_images(images, choice, run, share=0.25):
     return images.to(run.device)
 
 
-@torch.inference_mode()
-def predict(fn, images, transform, run, batch_size=512):
-    """fn(transform(uint8 batch on the device)) -> dict of (B, ...) tensors, concatenated on the CPU in fp32."""
-    out = {}
-    for start in range(0, len(images), batch_size):  # images already on the device are not copied
-        with run.autocast():
-            for key, value in fn(transform(images[start:start + batch_size].to(run.device, non_blocking=True))).items():
-                out.setdefault(key, []).append(value.float())  # kept on the device: no wait per batch
-    return {key: torch.cat(values).cpu() for key, values in out.items()}
-
-
-def export_features(run, fn, model, images, transform):
-    """features.npy: fn(x) of every image (what the method clusters), float16, in dataset order, on the evaluation view."""
-    model.eval()
-    np.save(run.path / "features.npy", predict(lambda x: {"f": fn(x)}, images, transform, run)["f"].numpy().astype(np.float16))
-    model.train()
-
-
 def load_data(args, run, with_unlabeled=False):
-    """data.load_dataset, its errors as one line; under torchrun rank 0 decodes and caches first."""
+    """data.load_dataset, its errors and warnings as one line each; under torchrun rank 0 decodes and caches first."""
     import data
 
     cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
-    memory = store_memory(args, run)  # measured by every process before rank 0 decodes, so all choose one S
+    memory = store_memory(args, run)  # measured before rank 0 decodes, so that all choose one size
     try:
-        with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, each as one plain line
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for turn in (True, False):
                 if run.distributed and turn != run.is_main:
                     torch.distributed.barrier()
-                if turn == run.is_main:  # evaluation has no batch to fill
+                if turn == run.is_main:
                     ds = data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
                                            seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
                                            storage_size=args.storage_size, cache_dir=str(cache),
@@ -532,44 +521,40 @@ def writable(path):
 
 
 def run_folders(args, method):
-    """(base, folders): <out-dir>/<run-name>, or <method>-<dataset>-seed<seed>[-eval] and its numbered
-    -2, -3, ... in --out-dir, oldest (lowest number) first."""
+    """(base, folders): --run-name's, or <method>-<dataset>-seed<seed>[-eval] and its -2, -3, ... oldest first."""
     out = Path(args.out_dir)
     if args.run_name:
         return None, [out / args.run_name]
     base = f"{method}-{Path(args.dataset).name or 'data'}-seed{args.seed}" + ("-eval" if args.eval_only else "")
     number = {p: int(p.name[len(base) + 1:]) for p in out.glob(base + "-*") if p.name[len(base) + 1:].isdigit()}
-    return base, sorted(([out / base] if (out / base).exists() else []) + list(number), key=lambda p: number.get(p, 1))
+    return base, sorted([out / base] * (out / base).exists() + list(number), key=lambda p: number.get(p, 1))
 
 
 def run_dir(args, method):
-    """The run folder, not made yet: --run-name, or for a new run after the highest number; `--resume auto`
-    takes the newest holding a checkpoint."""
+    """The run folder (made when training starts): a new one numbered after the highest, or `--resume auto`'s."""
     check(writable(args.out_dir), f"cannot write in --out-dir {args.out_dir}: pass --out-dir a folder you can write to")
     base, runs = run_folders(args, method)
-    resumable = [p for p in runs if (p / "checkpoint.pt").exists()]
+    held = [p for p in runs if (p / "checkpoint.pt").exists()]
     if args.run_name:
-        path, held = runs[0], runs[0] / "checkpoint.pt"
-        check(args.resume is not None or args.eval_only or not held.exists(),
+        path = runs[0]
+        check(args.resume or args.eval_only or not held,
               f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
-        check(args.resume in (None, "auto") or not held.exists() or (Path(args.resume).exists() and os.path.samefile(args.resume, held)),
-              f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} would overwrite: pass another --run-name")
-    elif args.resume == "auto" and resumable:
-        path = resumable[-1]
+        check(args.resume in (None, "auto") or not held or os.path.exists(args.resume) and os.path.samefile(
+            args.resume, path / "checkpoint.pt"), f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} "
+              "would overwrite: pass another --run-name")
     else:
-        path = Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
+        path = held[-1] if args.resume == "auto" and held else \
+            Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     claim(path)
     return path
 
 
-# Run folders this process writes, with their open lock files. A flock lock lasts until its file is
-# closed or the process ends (kill -9 included): a stale lock never blocks a restart.
-_LOCKS = {}
+_LOCKS = {}  # this process's run folders and their lock files (a flock ends with its process, kill -9 included)
 
 
 def lock_holder(path, take=False):
-    """The pid in another process's live lock on the run folder, else None; take: the lock is then this process's."""
+    """The pid in another process's live lock on the folder, else None; take: the lock is then this process's."""
     lock = Path(path) / ".lock"
     if fcntl is None or lock.parent.resolve() in _LOCKS or not (take or lock.exists()):
         return None
@@ -580,13 +565,13 @@ def lock_holder(path, take=False):
         f.seek(0)
         with f:
             return f.read().strip() or "unknown"
-    if not take:
-        return f.close()
-    _LOCKS[lock.parent.resolve()] = f
-    atexit.register(f.close)
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    if take:
+        _LOCKS[lock.parent.resolve()] = f
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    else:
+        f.close()
 
 
 def claim(path, take=False):
@@ -611,14 +596,13 @@ def read_checkpoint(path, method, mmap=False):
 
 
 def restore(run, state):
-    """A checkpoint into run.model (strictly), .optimizer, .scaler and .generator; returns its epoch."""
+    """A checkpoint into run.model (strictly), .optimizer and .scaler; returns its epoch."""
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as e:  # e.g. another --num-clusters or --image-size than the checkpoint's
         detail = (str(e).strip().splitlines()[1:2] or [str(e)])[0].strip()
         fail(f"the checkpoint's weights do not fit the model these flags build ({detail}): pass the values it was trained with")
-    # Adam's state from any device: the implementation stays this device's (fused on CUDA only; torch then puts
-    # the step count where it computes), each moment in its weight's memory layout (a fused kernel pairs their memory)
+    # Adam's state from any device: fused or not as this device runs it, each moment in its weight's memory layout
     saved, opt = state["optimizer"], run.optimizer
     opt.load_state_dict({**saved, "param_groups": [{**g, **{k: own[k] for k in ("fused", "foreach", "capturable") if k in own}}
                                                    for g, own in zip(saved["param_groups"], opt.param_groups)]})
@@ -626,22 +610,7 @@ def restore(run, state):
         moments.update({k: v.clone() if k == "step" else torch.empty_like(p, dtype=v.dtype).copy_(v) for k, v in moments.items()})
     if run.scaler.is_enabled() and state["scaler"]:  # fp16 after a bf16 or fp32 run: a fresh scale
         run.scaler.load_state_dict(state["scaler"])
-    world = state.get("world_size", 1)
-    check(world == run.world_size or run.eval_only, f"the checkpoint was trained by {world} process(es), this run has "
-          f"{run.world_size}: resume it with as many (torchrun --nproc-per-node {world}, or plain python for 1); "
-          "--eval-only takes it with any number")  # the random streams are per process
-    if world == run.world_size:
-        run.generator.set_state(state["generators"][run.rank] if world > 1 else state["generator"])
-        torch.set_rng_state(state["torch_rngs"][run.rank] if world > 1 else state["torch_rng"])
     return state["epoch"]
-
-
-def cpu_copy(obj):
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map(cpu_copy, obj))
-    return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
 
 
 class Terminated(BaseException):
@@ -654,7 +623,7 @@ def on_signals(handler):
 
 
 def tensorboard():
-    """torch.utils.tensorboard's SummaryWriter, None without the tensorboard package (not in requirements.txt)."""
+    """torch.utils.tensorboard's SummaryWriter; None without the tensorboard package (not in requirements.txt)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -665,21 +634,23 @@ def tensorboard():
 def duration(seconds):
     """H:MM:SS, with days in front past a day (a 1000-epoch run can take weeks)."""
     days, rest = divmod(max(0, round(seconds)), 86400)
-    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
+    return (f"{days}d " if days else "") + f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
 
 
 def weighted(weights, values):
     return sum(w * v for w, v in zip(weights or [1] * len(values), values))
 
 
+def generator(*keys):
+    """A random stream seeded from (seed, epoch, rank): each epoch's own, so a checkpoint needs no random state."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1)[0]))
+
+
 class Run:
     """One run: what it runs on (device, autocast dtype, rank) and its folder (lock, log, progress line,
     checkpoint, result files). `with run:` around the epoch loop makes the folder; a Ctrl-C, SIGTERM or
-    error there writes the last finished epoch (checkpoint.pt holds finished epochs only, so a resumed
-    run ends as an uninterrupted one on the CPU; a kill -9 costs the epochs since the last write)."""
-    # progress line: not before `delay` s of an epoch, then every `refresh` s; in a file every `every` s
-    delay, refresh, every = 2.0, 0.5, 60.0
+    error there writes the last finished epoch (a kill -9 loses the epochs since the last write)."""
+    delay, refresh, every = 2.0, 0.5, 60.0  # progress: from 2 s into an epoch every 0.5 s; in a file every 60 s
     clock = time.monotonic
 
     def __init__(self, args, method):
@@ -688,7 +659,7 @@ class Run:
         check(args.num_clusters is None or args.num_clusters >= 2, f"--num-clusters must be at least 2, got {args.num_clusters}")
         check(args.image_size >= 8, f"--image-size must be at least 8, got {args.image_size}")
         self.args, self.method, self.eval_only = args, method, bool(args.eval_only)
-        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
         self.distributed, self.is_main = self.world_size > 1, self.rank == 0
         check(args.batch_size % self.world_size == 0,
               f"--batch-size {args.batch_size} (the global batch) must divide by the {self.world_size} processes")
@@ -696,11 +667,10 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if self.distributed else None)
         cuda = self.device.type == "cuda"
-        if self.distributed and not torch.distributed.is_initialized():  # rank 0 alone evaluates while the others
-            # wait: a timeout past NCCL's 10 minutes
-            torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
+        if self.distributed and not torch.distributed.is_initialized():  # rank 0 evaluates alone while the others
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))  # wait
             atexit.register(torch.distributed.destroy_process_group)
-        if args.precision is None:  # the flag left out: the authors trained in fp32, so their recipe does (kept on --resume)
+        if args.precision is None:  # left out: fp32 under --recipe authors, as the authors trained (kept on --resume)
             args.precision = "fp32" if getattr(args, "recipe", None) == "authors" else "auto"
         self.dtype = pick_precision(args.precision, self.device)
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
@@ -713,13 +683,13 @@ class Run:
                 getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
         if args.deterministic:  # strict on CUDA: an op without such a kernel stops the run
             torch.use_deterministic_algorithms(True, warn_only=not cuda)
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)  # the model's initialisation
         self.path = run_dir(args, method)
-        self.stream, self.live_line, self.writer, self.shown = sys.stdout, False, None, None
-        self.tensorboard = tensorboard() if self.is_main and args.tensorboard else None
-        if self.is_main and args.tensorboard and self.tensorboard is None:
-            self.print("note: --tensorboard needs the tensorboard package: pip install tensorboard (this run writes no curves)")
+        self.stream, self.live_line, self.writer, self.shown, self.tensorboard = sys.stdout, False, None, None, None
+        if self.is_main and args.tensorboard:
+            self.tensorboard = tensorboard()
+            if not self.tensorboard:
+                self.print("note: --tensorboard needs the tensorboard package: pip install tensorboard (this run writes no curves)")
         self.epoch, self.saved, self.last, self.seen, self.train_seconds = 0, None, None, 0, 0.0
 
     def autocast(self):
@@ -727,56 +697,44 @@ class Run:
 
     def print(self, *msg):
         if self.is_main:
-            self.clear_line()
+            self.live(None)
             print(*msg, file=self.stream, flush=True)
 
     def live(self, line):
-        """Rewrite the terminal's last line, cut to its width (a wrapped line cannot be rewritten)."""
-        self.stream.write("\r" + line[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
-        self.stream.flush()
-        self.live_line = True
-
-    def clear_line(self):
-        if self.live_line:
-            self.stream.write("\r\x1b[K")
+        """The terminal's last line rewritten, cut to its width (a wrapped line cannot be); None: cleared."""
+        if line is not None or self.live_line:
+            self.stream.write("\r" + (line or "")[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
             self.stream.flush()
-            self.live_line = False
+            self.live_line = line is not None
 
-    def start(self, title, ds, model, optimizer, scaler, generator, same=(), extra=lambda epoch: {}):
-        """The header line; --eval-only's or --resume's checkpoint (with the same `same` args) loaded.
-        Returns (first epoch, checkpoint or None). extra(epoch): the method's own checkpoint entries."""
-        self.ds, self.model, self.optimizer, self.scaler, self.generator, self.extra = ds, model, optimizer, scaler, generator, extra
+    def start(self, title, ds, model, optimizer, scaler, same=(), extra=lambda epoch: {}):
+        """The header line; --eval-only's or --resume's checkpoint (trained with the same `same` args) loaded.
+        (first epoch, checkpoint or None); extra(epoch): the method's own checkpoint entries."""
+        self.ds, self.model, self.optimizer, self.scaler, self.extra = ds, model, optimizer, scaler, extra
         self.print(f"{title} | dataset {ds.name} | {len(ds.images)} images | K {ds.num_classes} | device {self.device} "
                    f"| precision {self.precision} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
                    f"| world {self.world_size} | run {self.path}")
         path, own = self.args.eval_only or self.args.resume, self.path / "checkpoint.pt"
         if path == "auto" and not own.exists():  # a scheduler may repeat one command
             self.print(f"--resume auto: no checkpoint in {self.path} yet, starting from epoch 0")
-        elif path:
-            state = read_checkpoint(own if path == "auto" else path, self.method)
-            check(all(state["args"][k] == getattr(self.args, k) for k in same),
-                  f"the checkpoint was trained with other {'/'.join('--' + k for k in same)}: pass the values it was trained with")
-            self.epoch = restore(self, state)
-            self.saved = self.epoch if own.exists() else None  # what a stop before the next epoch keeps
-            stage = f" (stage {state['stage']})" if "stage" in state else ""
-            self.print(f"{'evaluating the checkpoint of' if self.eval_only else 'resumed from'} epoch {self.epoch}{stage}")
-            return self.epoch, state
-        return 0, None
+        if not path or path == "auto" and not own.exists():
+            return 0, None
+        state = read_checkpoint(own if path == "auto" else path, self.method)
+        check(all(state["args"][k] == getattr(self.args, k) for k in same),
+              f"the checkpoint was trained with other {'/'.join('--' + k for k in same)}: pass the values it was trained with")
+        self.epoch = restore(self, state)
+        self.saved = self.epoch if own.exists() else None  # what a stop before the next epoch keeps
+        stage = f" (stage {state['stage']})" if "stage" in state else ""
+        self.print(f"{'evaluating the checkpoint of' if self.eval_only else 'resumed from'} epoch {self.epoch}{stage}")
+        return self.epoch, state
 
     def state(self, epoch):
-        """The checkpoint dict; under torchrun a collective: every process's random streams, in rank order."""
-        streams = ranks = (self.generator.get_state(), torch.get_rng_state())
-        if self.distributed:
-            ranks = [None] * self.world_size
-            torch.distributed.all_gather_object(ranks, streams)
         return {"method": self.method, "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "generator": streams[0], "torch_rng": streams[1], "world_size": self.world_size,
-                **({"generators": [g for g, _ in ranks], "torch_rngs": [t for _, t in ranks]} if self.distributed else {}),
-                "args": dataclasses.asdict(self.args), **self.extra(epoch)}
+                "scaler": self.scaler.state_dict(), "args": dataclasses.asdict(self.args), **self.extra(epoch)}
 
     def __enter__(self):
-        """The folder, now the start passed every check: its lock, args.json, log.jsonl cut back to the
-        first epoch (a resumed run repeats what followed its checkpoint; a line cut short by a kill goes)."""
+        """The folder, its lock and args.json; log.jsonl cut back to the checkpoint's epoch (a resumed run
+        repeats what followed it; a line cut short by a kill goes)."""
         self.started = self.wall = time.perf_counter()
         self.sigterm = signal.signal(signal.SIGTERM, self.terminate)
         if self.is_main:
@@ -817,15 +775,14 @@ class Run:
         return False
 
     def snapshot(self, epoch):
-        """Epoch `epoch` finished: its state copied (a stop waits for the whole copy), written every
-        --save-every epochs and after the last."""
-        caught = []
+        """Rank 0: epoch `epoch` finished, its state serialised in memory (a stop waits for the whole copy),
+        written every --save-every epochs and after the last."""
+        self.epoch, caught = epoch, []
         previous = on_signals(lambda signum, frame: caught.append(signum))
         try:
-            self.epoch = epoch
-            state = self.state(epoch)  # every process: under torchrun it gathers their random streams
             if self.is_main:
-                self.last = cpu_copy(state)
+                self.last = (epoch, io.BytesIO())
+                torch.save(self.state(epoch), self.last[1])
                 if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
                     self.write()
         finally:
@@ -835,16 +792,16 @@ class Run:
                 signal.raise_signal(caught[0])
 
     def write(self):
-        """The last finished epoch to checkpoint.pt (through a temporary file) unless there; never over a later one."""
-        if self.last is not None and (self.saved is None or self.last["epoch"] > self.saved):
-            torch.save(self.last, self.path / "checkpoint.tmp")
+        """The last finished epoch to checkpoint.pt (through a temporary file), never over a later one."""
+        if self.last and (self.saved is None or self.last[0] > self.saved):
+            (self.path / "checkpoint.tmp").write_bytes(self.last[1].getbuffer())
             os.replace(self.path / "checkpoint.tmp", self.path / "checkpoint.pt")
-            self.saved, self.last = self.last["epoch"], None
+            self.saved, self.last = self.last[0], None
 
     def progress(self, batches, epoch, steps, totals=None, weights=None):
-        """Yield from `batches`, counting the steps of `epoch` (`steps` in all loops); totals: the device
-        tensor of loss sums (weights: the terms'), read only for a shown line. Rank 0 shows step, loss,
-        img/s and time left: on a terminal one line rewritten, in a file a line a minute."""
+        """Yield from `batches`, counting the steps of `epoch` (`steps` in all loops). Rank 0 shows step, loss
+        (totals: the device tensor of loss sums, read only then), img/s and time left: on a terminal one line
+        rewritten, in a file a line a minute."""
         now = self.clock()
         if epoch != self.shown:  # the time from the run's first epoch to here sets the pace
             self.first, self.timed = (now, 0) if self.shown is None else (self.first, self.timed + 1)
@@ -858,62 +815,58 @@ class Run:
                 if not (self.is_main and now - self.begun >= wait and now - self.last_line >= interval):
                     continue
                 self.last_line, elapsed = now, now - self.begun
-                # this epoch at its pace so far, then the others as timed so far (else at this one's pace)
-                left = max(steps - self.step, 0) * elapsed / self.step
+                left = max(steps - self.step, 0) * elapsed / self.step  # then the other epochs as timed so far
                 per_epoch = (self.begun - self.first) / self.timed if self.timed else elapsed / self.step * steps
                 line = f"epoch {epoch + 1}/{self.args.epochs} step {self.step}/{steps}"
                 if totals is not None and self.steps:  # the one device sync, per shown line
                     line += f" | loss {weighted(weights, totals.tolist()) / self.steps:.4f}"
-                (self.live if tty else self.print)(  # short: 80 columns
+                (self.live if tty else self.print)(
                     f"{line} | {self.step * self.args.batch_size / max(elapsed, 1e-9):.0f} img/s | left "
                     f"{duration(left)}, run {duration(left + (self.args.epochs - epoch - 1) * per_epoch)}")
         finally:
-            self.clear_line()
+            self.live(None)
 
     def epoch_done(self, epoch, totals, terms, evaluate=None, weights=None, evaluate_now=None, stage=None, **extra):
-        """Epoch `epoch` (0-based) trained: its record, a stop if it diverged, rank 0's evaluate() every
-        --eval-every epochs (or if evaluate_now), log.jsonl, TensorBoard, the epoch line, the checkpoint."""
+        """Epoch `epoch` (0-based) trained: a stop if it diverged; rank 0's evaluate() every --eval-every epochs
+        (or if evaluate_now), log.jsonl, TensorBoard, the epoch line; the checkpoint."""
         args, seconds, means = self.args, time.perf_counter() - self.started, (totals / self.steps).tolist()
         self.train_seconds, self.seen = self.train_seconds + seconds, self.seen + self.steps * args.batch_size
         record = {"epoch": epoch + 1, **({"stage": stage} if stage else {}), "loss": weighted(weights, means),
                   **{f"loss_{t}": m for t, m in zip(terms, means)}, **extra, "lr": args.lr,
                   "img_per_s": self.steps * args.batch_size / seconds, "seconds": seconds}
-        if not math.isfinite(record["loss"]):  # stopped before the bad state can overwrite the last good checkpoint
+        if not math.isfinite(record["loss"]):  # before the bad state can overwrite the last good checkpoint
             good = self.path / "checkpoint.pt"
             fail(f"the loss became NaN or infinite in epoch {epoch + 1}; " + (f"the last good checkpoint is {good}" if
-                 good.exists() else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)",
-                 code=1)
+                 good.exists() else "no checkpoint was written yet") + " (try a lower --lr or --precision fp32)", code=1)
         if evaluate_now is None:
             evaluate_now = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
         if self.is_main and evaluate and evaluate_now:
             record.update(evaluation_record(self.ds.labels, evaluate()[0], self.ds.num_classes))
-        if self.is_main:
-            with open(self.path / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.scalars(record, epoch + 1)
-            self.warn(record, f"epoch {epoch + 1}")
+        self.log(record, epoch + 1, f"epoch {epoch + 1}")
         self.print(" | ".join([f"epoch {epoch + 1}/{args.epochs}", *(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss")),
                                *(f"{k} {record[k]:.3f}" for k in ("nmi", "acc", "ari") if record.get(k) is not None),
                                f"{record['img_per_s']:.0f} img/s", f"left {duration(seconds * (args.epochs - epoch - 1))}"]))
         self.snapshot(epoch + 1)
         self.started = time.perf_counter()
 
-    def warn(self, record, when):
+    def log(self, record, step, when):
+        """Rank 0: `record` to log.jsonl (an epoch's) and TensorBoard at `step`; then the collapse warning."""
+        if not self.is_main:
+            return
+        if "lr" in record:
+            with open(self.path / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tensorboard and self.writer is None:  # made with the first record: the folder exists then
+            self.writer = self.tensorboard(str(self.path / "tensorboard"))
+            atexit.register(self.close)  # an interrupted run keeps its last curves
+        for key, value in record.items() if self.writer else ():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(scalar_tag(key), value, step)
+        if self.writer:
+            self.writer.flush()  # once per epoch: the curves are current while the run goes on
         if record.get("collapse"):
             self.print(f"warning: {when}, {record['collapse']}: the model may have collapsed; the cluster health of "
                        f"every evaluation (empty, max_share, entropy) is in {self.path / 'log.jsonl'}")
-
-    def scalars(self, record, step):
-        """Every number of `record` to TensorBoard at `step` (the epoch), one panel per group."""
-        if not self.tensorboard:
-            return
-        if self.writer is None:  # made with the first record: the folder exists then
-            self.writer = self.tensorboard(str(self.path / "tensorboard"))
-            atexit.register(self.close)  # an interrupted run keeps its last curves
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(scalar_tag(key), value, step)
-        self.writer.flush()  # once per epoch: the curves are current while the run goes on
 
     def close(self):
         if self.writer is not None:
@@ -922,16 +875,13 @@ class Run:
 
     def finish(self, pred, conf):
         """Rank 0, after the final evaluation: final.json, assignments.csv, clusters.png, the closing lines."""
-        ds = self.ds
-        record = evaluation_record(ds.labels, pred, ds.num_classes)
+        ds, record = self.ds, evaluation_record(self.ds.labels, pred, self.ds.num_classes)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         stats = {"epochs": self.epoch, "img_per_s": self.seen / max(self.train_seconds, 1e-9), "wall_seconds":
                  time.perf_counter() - self.wall, "device": str(self.device), "precision": self.precision,
                  "peak_memory_mb": round(peak, 1), "world_size": self.world_size}
-        final = {**{k: record.get(k) for k in ("nmi", "acc", "ari")}, **stats,  # collapse: None when healthy
-                 **{k: record.get(k) for k in ("entropy", "min_share", "max_share", "empty", "collapse")},
-                 "classes": list(ds.classes), **provenance()}
+        final = {**record, "collapse": record.get("collapse"), **stats, "classes": list(ds.classes), **provenance()}
         (self.path / "final.json").write_text(json.dumps(final, indent=2) + "\n")
         with open(self.path / "assignments.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -940,12 +890,11 @@ class Run:
             for i, (name, y, c, p) in enumerate(zip(ds.files, labels, pred.tolist(), conf.tolist())):
                 w.writerow([i, name, y, ds.classes[y] if y != "" else "", c, f"{p:.4f}"])
         save_cluster_grid(self.path / "clusters.png", ds.images, pred, conf, ds.labels, ds.classes, ds.num_classes)
-        self.scalars(record, self.epoch)  # the final evaluation ends the curves
-        self.close()
         self.print("final: unlabelled data, no metrics" if record["nmi"] is None else
                    f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
         self.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {self.epoch} epochs | files in {self.path}")
-        self.warn(record, "final evaluation")
+        self.log(record, self.epoch, "final evaluation")  # the final evaluation ends the curves
+        self.close()
         return record
 
 

@@ -243,8 +243,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
-    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    start_epoch, _ = run.start("DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, model, optimizer, scaler, gen)
+    start_epoch, _ = run.start("DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, model, optimizer, scaler)
     images = common.place_images(ds.images, args.data_on_device, run)
     zero = torch.zeros((), device=run.device)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
@@ -257,6 +256,7 @@ def main(argv=None):
 
     with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            gen = common.generator(args.seed, epoch, run.rank)  # augmentation: a stream per epoch and process; rank 0's shuffles
             totals = torch.zeros(4, device=run.device)  # read once per epoch: no per-step sync
             if unlabeled is not None:  # STL-10's unlabeled split trains Fproj only, as in CC
                 for x, _, _ in run.progress(data.batches(unlabeled, None, args.batch_size, generator=gen, rank=run.rank,

@@ -406,8 +406,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # one for all three stages; no weight decay
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
-    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation and masking, a stream per process; rank 0's draws the shared shuffle
-    start_epoch, state = run.start("PICI", ds, model, optimizer, scaler, gen, same=("heads", "vit", "ablate"),  # --eval-only's or --resume's
+    start_epoch, state = run.start("PICI", ds, model, optimizer, scaler, same=("heads", "vit", "ablate"),  # --eval-only's or --resume's
                                    extra=lambda epoch: dict(stages=list(lengths), stage=stage_of(epoch - 1, lengths) if epoch else None,
                                                             cli_targets=targets))  # kept: `--recipe authors` labels once
     common.check(not state or args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
@@ -430,6 +429,7 @@ def main(argv=None):
 
     with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            gen = common.generator(args.seed, epoch, run.rank)  # augmentation and masking: a stream per epoch and process; rank 0's shuffles
             stage = stage_of(epoch, lengths)
             terms = stage_terms[stage]
             parts = dict(project=terms != ["pisd"], decode="pisd" in terms)  # heads idle in pre-training, decoder in boosting

@@ -200,14 +200,14 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type == "cuda")  # no weight decay, constant rate
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
-    gen = torch.Generator().manual_seed(args.seed + run.rank)  # augmentation, one stream per process; rank 0's also draws the shared shuffle
-    start_epoch, _ = run.start("VTCC", ds, model, optimizer, scaler, gen, same=("heads", "vit", "stem"))  # --eval-only's or --resume's
+    start_epoch, _ = run.start("VTCC", ds, model, optimizer, scaler, same=("heads", "vit", "stem"))  # --eval-only's or --resume's
     images = common.place_images(ds.images, args.data_on_device, run)
     terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
 
     with run:  # Ctrl-C, SIGTERM, errors: the last finished epoch is on disk
         for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+            gen = common.generator(args.seed, epoch, run.rank)  # augmentation: a stream per epoch and process; rank 0's shuffles
             totals = torch.zeros(len(terms), device=run.device)  # read once per epoch: no per-step sync
             for x, _, idx in run.progress(data.batches(images, None, args.batch_size, generator=gen, rank=run.rank,
                                                        world_size=run.world_size, device=run.device), epoch, epoch_steps, totals):
