@@ -842,20 +842,18 @@ class Run:
             evaluate_now = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
         if self.is_main and evaluate and evaluate_now:
             record.update(evaluation_record(self.ds.labels, evaluate()[0], self.ds.num_classes))
-        self.log(record, epoch + 1, f"epoch {epoch + 1}")
+        if self.is_main:
+            with open(self.path / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.show(record, epoch + 1, f"epoch {epoch + 1}")
         self.print(" | ".join([f"epoch {epoch + 1}/{args.epochs}", *(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss")),
                                *(f"{k} {record[k]:.3f}" for k in ("nmi", "acc", "ari") if record.get(k) is not None),
                                f"{record['img_per_s']:.0f} img/s", f"left {duration(seconds * (args.epochs - epoch - 1))}"]))
         self.snapshot(epoch + 1)
         self.started = time.perf_counter()
 
-    def log(self, record, step, when):
-        """Rank 0: `record` to log.jsonl (an epoch's) and TensorBoard at `step`; then the collapse warning."""
-        if not self.is_main:
-            return
-        if "lr" in record:
-            with open(self.path / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def show(self, record, step, when):
+        """Rank 0: every number of `record` to TensorBoard at `step` (the epoch); the collapse warning."""
         if self.tensorboard and self.writer is None:  # made with the first record: the folder exists then
             self.writer = self.tensorboard(str(self.path / "tensorboard"))
             atexit.register(self.close)  # an interrupted run keeps its last curves
@@ -893,7 +891,7 @@ class Run:
         self.print("final: unlabelled data, no metrics" if record["nmi"] is None else
                    f"final: NMI {record['nmi']:.4f} | ACC {record['acc']:.4f} | ARI {record['ari']:.4f}")
         self.print(f"{stats['img_per_s']:.1f} img/s | wall {stats['wall_seconds']:.1f} s | {self.epoch} epochs | files in {self.path}")
-        self.log(record, self.epoch, "final evaluation")  # the final evaluation ends the curves
+        self.show(record, self.epoch, "final evaluation")  # the final evaluation ends the curves
         self.close()
         return record
 

@@ -177,7 +177,7 @@ def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", stream)
     run = make_run(tmp_path, tensorboard=True)
     (tmp_path / "run").mkdir()  # `with run:` makes it when training starts
-    run.scalars({"epoch": 1, "loss": 1.0}, 1)
+    run.show({"epoch": 1, "loss": 1.0}, 1, "epoch 1")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and "pip install tensorboard" in lines[0]
     assert not (tmp_path / "run" / "tensorboard").exists()
@@ -186,8 +186,8 @@ def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
 def test_run_sends_every_number_to_tensorboard(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "tensorboard", lambda: Recorder)  # whether or not this machine has the package
     run = run_on(tmp_path, Stream(False), tensorboard=True)
-    run.scalars({"epoch": 3, "stage": "train", "loss": 2.5, "loss_instance": 2.0, "lr": 3e-4, "img_per_s": 100.0, "nmi": None,
-                    "acc": 0.5, "empty": 2, "cli_agreement": 0.75}, 3)
+    run.show({"epoch": 3, "stage": "train", "loss": 2.5, "loss_instance": 2.0, "lr": 3e-4, "img_per_s": 100.0, "nmi": None,
+                    "acc": 0.5, "empty": 2, "cli_agreement": 0.75}, 3, "epoch 3")
     assert sorted(run.writer.scalars) == sorted([("loss/total", 2.5, 3), ("loss/instance", 2.0, 3), ("train/lr", 3e-4, 3),
                                                     ("train/img_per_s", 100.0, 3), ("eval/acc", 0.5, 3), ("health/empty", 2, 3),
                                                     ("train/cli_agreement", 0.75, 3)])
