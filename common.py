@@ -301,8 +301,8 @@ RESUME_SAFE = RUN_ONLY + ("epochs", "pretrain_epochs", "train_epochs", "boost_ep
 
 def parse_args(cls, argv=None, description=None, method=None):
     """The command line as a `cls`. --eval-only and --resume take the checkpoint's arguments, flags given
-    override them (--resume: RESUME_SAFE ones only). `--resume auto`: --run-name's checkpoint, or the newest
-    of this method, dataset and seed that fits the flags given; none: a fresh start."""
+    override them (--resume: RESUME_SAFE ones only). `--resume auto`: the newest run folder (run_folders)
+    whose checkpoint fits the flags given; none: a fresh start."""
     args, given = (vars(parser(cls, description, only).parse_args(argv)) for only in (False, True))
     check(not (args["eval_only"] and args["resume"]), "give --eval-only or --resume, not both")
     if args["eval_only"]:
@@ -531,20 +531,19 @@ def run_folders(args, method):
 
 
 def run_dir(args, method):
-    """The run folder (made when training starts): a new one numbered after the highest, or `--resume auto`'s."""
+    """The run folder, made when training starts: --run-name's (parse_args sets it for `--resume auto`), or
+    a new one numbered after the highest."""
     check(writable(args.out_dir), f"cannot write in --out-dir {args.out_dir}: pass --out-dir a folder you can write to")
     base, runs = run_folders(args, method)
-    held = [p for p in runs if (p / "checkpoint.pt").exists()]
     if args.run_name:
-        path = runs[0]
+        path, held = runs[0], (runs[0] / "checkpoint.pt").exists()
         check(args.resume or args.eval_only or not held,
               f"{path} already holds a run: pass --resume auto to continue it, or another --run-name")
         check(args.resume in (None, "auto") or not held or os.path.exists(args.resume) and os.path.samefile(
-            args.resume, path / "checkpoint.pt"), f"{path} holds a checkpoint of its own, which a run resumed from {args.resume} "
-              "would overwrite: pass another --run-name")
+            args.resume, path / "checkpoint.pt"), f"{path} holds a checkpoint of its own, which a run resumed from "
+              f"{args.resume} would overwrite: pass another --run-name")
     else:
-        path = held[-1] if args.resume == "auto" and held else \
-            Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
+        path = Path(args.out_dir) / (f"{base}-{int(runs[-1].name[len(base) + 1:] or 1) + 1}" if runs else base)
     check(writable(path), f"cannot write in {path}: pass --out-dir (or --run-name) a folder you can write to")
     claim(path)
     return path

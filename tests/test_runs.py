@@ -221,19 +221,19 @@ def test_a_failed_start_leaves_nothing(tmp_path, capsys, method):
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_auto_picks_the_newest_folder_holding_a_checkpoint(tmp_path):
+def test_run_folders_are_numbered_and_resume_auto_tries_the_newest_first(tmp_path):
     out = tmp_path / "runs"
     for name, has_checkpoint in [("cc-shapes-seed1", True), ("cc-shapes-seed1-2", False), ("cc-shapes-seed1-3", True),
                                  ("cc-shapes-seed1-5", False), ("cc-shapes-seed1-x", True)]:
         (out / name).mkdir(parents=True)
         if has_checkpoint:
             (out / name / "checkpoint.pt").write_bytes(b"")
-    args = lambda **kw: cc.Args(dataset="some/shapes", out_dir=str(out), **kw)
-    assert common.run_dir(args(resume="auto"), "cc") == out / "cc-shapes-seed1-3"
+    args = lambda **kw: cc.Args(dataset="some/shapes", out_dir=str(out), **kw)  # noqa: E731
+    # oldest first: parse_args tries their checkpoints newest first for --resume auto
+    assert common.run_folders(args(), "cc")[1] == [out / n for n in ("cc-shapes-seed1", "cc-shapes-seed1-2",
+                                                                     "cc-shapes-seed1-3", "cc-shapes-seed1-5")]
     assert common.run_dir(args(), "cc") == out / "cc-shapes-seed1-6"  # a new run: after the highest number
     assert common.run_dir(args(eval_only="c.pt"), "cc") == out / "cc-shapes-seed1-eval"
-    (out / "cc-shapes-seed1-3" / "checkpoint.pt").unlink()
-    assert common.run_dir(args(resume="auto"), "cc") == out / "cc-shapes-seed1"
     assert common.run_dir(args(resume="auto", seed=2), "cc") == out / "cc-shapes-seed2"  # none yet: a fresh start
     mine = out / "cc-shapes-seed1" / "checkpoint.pt"
     assert common.run_dir(args(resume=str(mine), run_name="cc-shapes-seed1"), "cc") == mine.parent  # its own: fine
