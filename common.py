@@ -89,7 +89,7 @@ def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
     return torch.as_tensor(km.labels_, dtype=torch.long), conf.float()
 
 
-# --- ViT parts: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC Table V)
+# --- ViT: 2-D sin-cos positions, pre-norm blocks, MAE's random masking
 def add_positions(module, dim, grid_size, positions):
     """pos_embed (1, 1 + grid_size**2, dim): 2-D sin-cos, CLS row zero, MAE's convention (columns in the first
     half of the width, rows in the second); a buffer ("fixed") or a parameter ("learnable")."""
@@ -945,13 +945,10 @@ def provenance():
             "torch": torch.__version__, "torchvision": torchvision.__version__, **state}
 
 
-# Letters that Unicode's decomposition (NFKD) leaves as they are, spelled in ASCII
-ASCII_LETTERS = dict(zip("ßæÆœŒøØłŁđĐıþÞðÐ", "ss ae AE oe OE o O l L d D i th Th d D".split()))
-
-
 def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
     """clusters.png's rows, largest first: (id, members, lines: id, size, majority class(es) and share), and
     the notes under them. Names in ASCII (é -> e, ß -> ss, else ?), all the default font draws."""
+    letters = dict(zip("ßæÆœŒøØłŁđĐıþÞðÐ", "ss ae AE oe OE o O l L d D i th Th d D".split()))  # NFKD keeps these
     sizes = torch.bincount(pred, minlength=num_clusters)
     order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]
     rows = []
@@ -962,7 +959,7 @@ def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
             counts = torch.bincount(labels[members])
             tops = (counts == counts.max()).nonzero().flatten().tolist()
             names = ", ".join(classes[t] if t < len(classes) else f"class {t}" for t in tops)
-            names = "".join(ch if " " <= ch <= "~" else ASCII_LETTERS.get(ch) or "".join(
+            names = "".join(ch if " " <= ch <= "~" else letters.get(ch) or "".join(
                 d for d in unicodedata.normalize("NFKD", ch) if " " <= d <= "~") or "?" for ch in names)
             tie = len(tops) > 1
             lines += ["tie: " * tie + names, f"{counts[tops[0]] / len(members):.0%} of the cluster" + " each" * tie]
