@@ -152,10 +152,10 @@ class ViT(nn.Module):
             raise ValueError(f"got stem {stem}, positions {positions}, init {init}: stem is conv or patchify, "
                              "positions fixed or learnable, init mocov3 or mae")
         self.image_size, self.dim, self.num_patches = image_size, dim, (image_size // 16) ** 2
-        if stem == "conv":  # 3x3 stride-2 convs, BN, ReLU, then a 1x1: a convolutional early stage (Xiao et al. 2021)
+        if stem == "conv":  # a convolutional early stage (Xiao et al. 2021): 3x3 stride-2 convs, BN, ReLU; a 1x1
             c = [3, dim // 8, dim // 4, dim // 2, dim]
-            self.stem = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(c[i], c[i + 1], 3, 2, 1, bias=False),
-                                      nn.BatchNorm2d(c[i + 1]), nn.ReLU(True))], nn.Conv2d(dim, dim, 1))
+            self.stem = nn.Sequential(*[m for a, b in zip(c, c[1:]) for m in (nn.Conv2d(a, b, 3, 2, 1, bias=False),
+                                      nn.BatchNorm2d(b), nn.ReLU(True))], nn.Conv2d(dim, dim, 1))
         else:
             self.stem = nn.Conv2d(3, dim, 16, stride=16)  # 16x16 patches, embedded
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
