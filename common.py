@@ -58,18 +58,15 @@ def all_gather_rows(out, x):
 # --- Clustering metrics, as all five papers report them: transductive (the training images are the ones
 # clustered), NMI with arithmetic normalisation, ACC by Hungarian matching, ARI
 def cluster_acc(y_true, y_pred):
-    """Best one-to-one match of clusters to classes (Hungarian); unmatched clusters count as errors. Only
-    the ids that occur are matched (the authors' code shifts ids when cluster 0 is empty; not here)."""
-    _, t = np.unique(np.asarray(y_true), return_inverse=True)
-    _, p = np.unique(np.asarray(y_pred), return_inverse=True)
-    table = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)  # (clusters, classes)
-    np.add.at(table, (p, t), 1)
+    """Unmatched clusters count as errors; the ids that occur are matched (the authors' code shifts them)."""
+    from sklearn.metrics.cluster import contingency_matrix
+
+    table = contingency_matrix(y_pred, y_true)  # (clusters, classes)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
 
 
 def cluster_metrics(y_true, y_pred):
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)  # NMI: arithmetic normalisation
     return {"nmi": float(normalized_mutual_info_score(y_true, y_pred)), "acc": cluster_acc(y_true, y_pred),
             "ari": float(adjusted_rand_score(y_true, y_pred))}
 
@@ -78,63 +75,36 @@ def cluster_health(y_pred, num_clusters):
     """Entropy of the assignment (nats; log K is uniform), smallest and largest share, empty clusters."""
     share = np.bincount(np.asarray(y_pred), minlength=num_clusters) / len(y_pred)
     nz = share[share > 0]
-    return {"entropy": float(-(nz * np.log(nz)).sum()), "min_share": float(share.min()), "max_share": float(share.max()),
-            "empty": int((share == 0).sum())}
+    return {"entropy": float(-(nz * np.log(nz)).sum()), "min_share": float(share.min()),
+            "max_share": float(share.max()), "empty": int((share == 0).sum())}
 
 
 def kmeans(features, num_clusters, seed, n_init=10, normalize=True):
-    """sklearn's k-means on the (L2-normalised) features: labels, and as confidence the softmax over
-    negative squared distances to the centroids, at the assigned one."""
+    """sklearn's k-means of the (L2-normalised) features; confidence: softmax(-squared distance), at the label."""
     from sklearn.cluster import KMeans
 
     x = torch.as_tensor(features).float()
     x = (F.normalize(x, dim=1) if normalize else x).numpy()
     km = KMeans(num_clusters, n_init=n_init, random_state=seed).fit(x)
-    d2 = torch.as_tensor(km.transform(x)) ** 2
-    conf = torch.softmax(-d2, dim=1).max(dim=1).values
+    conf = torch.softmax(-torch.as_tensor(km.transform(x)) ** 2, dim=1).max(dim=1).values
     return torch.as_tensor(km.labels_, dtype=torch.long), conf.float()
 
 
-# --- ViT building blocks: pre-norm blocks, the conv stem (VTCC, ViT-IC), the patchify stem (PICI, VTCC
-# Table V), 2-D sine-cosine positions
-def sincos_2d(dim, grid_size, cls_token=True):
-    """(1 + grid_size**2, dim), CLS row zero; MAE's convention: columns in the first half, rows in the second."""
+# --- ViT: 2-D sin-cos positions, pre-norm blocks, MAE's random masking
+def add_positions(module, dim, grid_size, positions):
+    """pos_embed (1, 1 + grid_size**2, dim): 2-D sin-cos, CLS row zero, MAE's convention (columns in the first
+    half of the width, rows in the second); a buffer ("fixed") or a parameter ("learnable")."""
     if dim % 4:
         raise ValueError(f"the sin-cos table needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-
-    def embed(pos):  # (L,) -> (L, dim/2)
-        angle = pos.flatten().double()[:, None] * omega[None]
-        return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-    table = torch.cat([embed(cols), embed(rows)], dim=1).float()
-    if cls_token:
-        table = torch.cat([torch.zeros(1, dim), table])
-    return table
-
-
-def add_positions(module, table, positions):
+    g = torch.arange(grid_size, dtype=torch.float64)
+    angles = [pos[:, None] * omega for pos in (g.repeat(grid_size), g.repeat_interleave(grid_size))]  # columns, rows
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()  # (L, dim)
+    table = torch.cat([torch.zeros(1, dim), table])[None]  # and the CLS row
     if positions == "learnable":
         module.pos_embed = nn.Parameter(table)
     else:
         module.register_buffer("pos_embed", table, persistent=False)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
 class Block(nn.Module):
@@ -142,34 +112,23 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.norm1 = heads, nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, dim * 3), "proj": nn.Linear(dim, dim)})  # MAE's names
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        B, L, D = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
         return x + self.mlp(self.norm2(x))
 
 
-class ConvStem(nn.Sequential):
-    """Four 3x3 stride-2 convs with BN and ReLU, then a 1x1 conv: 16x down-sampling with a convolutional
-    early stage (Xiao et al. 2021, used by VTCC and ViT-IC)."""
-
-    def __init__(self, dim, in_chans=3):
-        layers, c_in = [], in_chans
-        for c_out in (dim // 8, dim // 4, dim // 2, dim):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
-        layers.append(nn.Conv2d(dim, dim, 1))
-        super().__init__(*layers)
-
-
 def random_masking(x, mask_ratio, generator=None, noise=None):
-    """MAE masking by sorting per-sample noise: the kept tokens, the mask (1 = removed) and ids_restore.
-    noise (B, L) on x's device replaces a draw from `generator` and its copy: a training step sends it
-    with the augmentation's parameters (data.Augmentation.views' extra)."""
+    """MAE's masking by sorting per-sample noise: the kept tokens, the mask (1 = removed) and ids_restore.
+    noise (B, L) on x's device replaces a draw from generator (a training step sends data.Augmentation's)."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
     if noise is None:
@@ -177,48 +136,48 @@ def random_masking(x, mask_ratio, generator=None, noise=None):
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
-    mask = torch.ones(B, L, device=x.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return kept, mask, ids_restore
+    return kept, (ids_restore >= keep).float(), ids_restore
 
 
 class ViT(nn.Module):
-    """A ViT returning the final-normed CLS token. stem: "conv" (VTCC, ViT-IC) or "patchify" (PICI's MAE,
-    VTCC Table V). positions: "fixed" sin-cos (VTCC, ViT-IC, PICI's code) or "learnable" (the PICI paper).
-    init (papers silent): "mocov3" (VTCC's and ViT-IC's code) or "mae" (PICI's code)."""
+    """Returns the final-normed CLS token. stem: "conv" (VTCC, ViT-IC) or "patchify" (PICI, VTCC Table V);
+    positions: "fixed" sin-cos (VTCC, ViT-IC, PICI's code) or "learnable" (the PICI paper); init (papers
+    silent): "mocov3" (VTCC's and ViT-IC's code) or "mae" (PICI's code)."""
 
-    def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed", init="mocov3"):
+    def __init__(self, image_size=224, dim=384, depth=8, heads=12, mlp_ratio=4.0, stem="conv", positions="fixed",
+                 init="mocov3"):
         super().__init__()
         if image_size % 16 or image_size < 16:
-            raise ValueError(f"image size {image_size} is not a multiple of 16: the ViT's stem down-samples by 16; use e.g. 32, 64, 128 or 224")
+            raise ValueError(f"image size {image_size} is not a multiple of 16, the stem's stride: use e.g. 32 or 224")
         if stem not in ("conv", "patchify") or positions not in ("fixed", "learnable") or init not in ("mocov3", "mae"):
-            raise ValueError(f"stem must be conv|patchify, positions fixed|learnable and init mocov3|mae, got {stem}, {positions}, {init}")
-        self.image_size, self.dim = image_size, dim
-        self.num_patches = (image_size // 16) ** 2
-        self.stem = ConvStem(dim) if stem == "conv" else nn.Conv2d(3, dim, 16, stride=16)  # 16x16 patches, embedded
+            raise ValueError(f"got stem {stem}, positions {positions}, init {init}: stem is conv or patchify, "
+                             "positions fixed or learnable, init mocov3 or mae")
+        self.image_size, self.dim, self.num_patches = image_size, dim, (image_size // 16) ** 2
+        if stem == "conv":  # a convolutional early stage (Xiao et al. 2021): 3x3 stride-2 convs, BN, ReLU; a 1x1
+            c = [3, dim // 8, dim // 4, dim // 2, dim]
+            self.stem = nn.Sequential(*[m for a, b in zip(c, c[1:]) for m in (nn.Conv2d(a, b, 3, 2, 1, bias=False),
+                                      nn.BatchNorm2d(b), nn.ReLU(True))], nn.Conv2d(dim, dim, 1))
+        else:
+            self.stem = nn.Conv2d(3, dim, 16, stride=16)  # 16x16 patches, embedded
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        add_positions(self, sincos_2d(dim, image_size // 16)[None], positions)  # (1, 1 + L, dim)
+        add_positions(self, dim, image_size // 16, positions)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_vit_weights(self, split_qkv=init == "mocov3")
-        if init == "mocov3":
-            nn.init.normal_(self.cls_token, std=1e-6)  # MoCo v3's vits.py; the stem keeps torch's default (VTCC's, ViT-IC's code)
-        else:  # MAE's initialize_weights: CLS std .02; the 16x16 patch embedding as a Linear over the flattened kernel
-            nn.init.normal_(self.cls_token, std=0.02)
-            if stem == "patchify":
-                nn.init.xavier_uniform_(self.stem.weight.view(dim, -1))  # bias: torch's default, as MAE
+        # CLS: MoCo v3's vits.py std 1e-6, MAE's initialize_weights .02; MAE's patch embedding: Xavier as a Linear
+        nn.init.normal_(self.cls_token, std=1e-6 if init == "mocov3" else 0.02)
+        if init == "mae" and stem == "patchify":
+            nn.init.xavier_uniform_(self.stem.weight.view(dim, -1))
 
     def forward_features(self, x, mask_ratio=0.0, generator=None, noise=None):
         """All tokens after the final norm, and the MAE mask and ids_restore (None without masking)."""
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+        if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"this ViT was built for {self.image_size} px input, got {tuple(x.shape[-2:])}")
         t = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, dim)
         mask = ids_restore = None
         if mask_ratio > 0:
             t, mask, ids_restore = random_masking(t, mask_ratio, generator, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
-        t = torch.cat([cls, t], dim=1)
+        t = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(t), -1, -1), t], dim=1)
         for block in self.blocks:
             t = block(t)
         return self.norm(t), mask, ids_restore
@@ -228,26 +187,22 @@ class ViT(nn.Module):
 
 
 def init_vit_weights(module, split_qkv=False):
-    """Linear Xavier-uniform, zero bias; LayerNorm (1, 0); convolutions torch's (MAE's, MoCo v3's code).
-    split_qkv: MoCo v3's rule, each of Q, K, V Xavier over its own (dim, dim) block (MAE: the fused one)."""
+    """Linear Xavier-uniform, zero bias; LayerNorm (1, 0) and convolutions torch's default (MAE's, MoCo v3's code).
+    split_qkv: MoCo v3's rule, Xavier over each (dim, dim) block of Q, K, V (MAE: over the fused one)."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             if split_qkv and name.endswith("qkv"):
-                bound = math.sqrt(6 / (m.out_features // 3 + m.in_features))  # Xavier of one (dim, dim) block
+                bound = math.sqrt(6 / (m.out_features // 3 + m.in_features))
                 nn.init.uniform_(m.weight, -bound, bound)
             else:
                 nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # --- MAE parts (He et al. 2022): patchify, decoder with mask tokens, masked per-patch-normalised MSE
-def patchify(images, patch_size=16):
+def patchify(images, p=16):
     """(B, C, H, W) -> (B, L, p*p*C), row-major patches of (p, p, C) pixels."""
     B, C, H, W = images.shape
-    p = patch_size
     x = images.reshape(B, C, H // p, p, W // p, p)
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
@@ -259,7 +214,7 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        add_positions(self, sincos_2d(dim, math.isqrt(num_patches))[None], positions)
+        add_positions(self, dim, math.isqrt(num_patches), positions)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_size * patch_size * 3)
@@ -268,10 +223,8 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent, ids_restore):
         x = self.embed(latent)  # (B, 1 + L_keep, dim)
-        B, L = ids_restore.shape
-        masked = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        t = torch.cat([x[:, 1:], masked], dim=1)  # visible first, then mask tokens: the shuffled order
-        t = torch.gather(t, 1, ids_restore[:, :, None].expand(-1, -1, t.shape[2]))  # original order
+        t = torch.cat([x[:, 1:], self.mask_token.expand(len(x), ids_restore.shape[1] + 1 - x.shape[1], -1)], dim=1)
+        t = torch.gather(t, 1, ids_restore[:, :, None].expand(-1, -1, t.shape[2]))  # unshuffled
         t = torch.cat([x[:, :1], t], dim=1) + self.pos_embed
         for block in self.blocks:
             t = block(t)
@@ -903,13 +856,11 @@ def scalar_tag(key):
 
 # --- Results: evaluation records, the collapse warning, provenance, clusters.png
 def evaluation_record(labels, pred, num_clusters):
-    """Metrics (None for unlabelled data) and cluster health."""
-    record = {"nmi": None, "acc": None, "ari": None}
-    if labels is not None:
-        record.update(cluster_metrics(labels.numpy(), pred.numpy()))
+    """Metrics (None without labels), cluster health; "collapse" only when seen (healthy records keep their keys)."""
+    record = dict.fromkeys(("nmi", "acc", "ari")) if labels is None else cluster_metrics(labels.numpy(), pred.numpy())
     record.update(cluster_health(pred.numpy(), num_clusters))
     seen = collapse(pred, num_clusters, labels)
-    return {**record, "collapse": seen} if seen else record  # only then: a healthy run's records keep their keys
+    return {**record, "collapse": seen} if seen else record
 
 
 def collapse(pred, num_clusters, labels=None):
@@ -925,51 +876,49 @@ def collapse(pred, num_clusters, labels=None):
 
 
 def provenance():
-    """How this run was made: the command line, library versions, the scripts' git commit."""
+    """The command line, library versions, the scripts' git commit and whether tracked files changed (None
+    each without git, outside a checkout, in a refused repository)."""
     import torchvision  # a requirement
 
-    return {"command": shlex.join(["python", *sys.argv]), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, **git_state(Path(__file__).resolve().parent)}
-
-
-def git_state(folder):
-    """HEAD's hash and whether tracked files have changes; None for each without git."""
-    def git(*cmd):
-        return subprocess.run(["git", "-C", str(folder), *cmd], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-
+    git = ["git", "-C", Path(__file__).resolve().parent]
     try:
-        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, a refused repository
-        return {"git_commit": None, "git_dirty": None}
+        head, status = (subprocess.run(git + cmd, capture_output=True, text=True, timeout=10, check=True).stdout
+                        for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+        state = {"git_commit": head.strip(), "git_dirty": bool(status)}
+    except (OSError, subprocess.SubprocessError):
+        state = {"git_commit": None, "git_dirty": None}
+    return {"command": shlex.join(["python", *sys.argv]), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, **state}
 
 
 def grid_plan(pred, num_clusters, labels=None, classes=(), max_rows=50):
-    """clusters.png's rows, largest first, each (id, members, label lines: id, size, majority class(es)
-    and share), at most `max_rows`; and the notes under them (clusters left out, empty clusters)."""
-    num_clusters = max(num_clusters, int(pred.max()) + 1)
+    """clusters.png's rows, largest first: (id, members, lines: id, size, majority class(es) and share), and
+    the notes under them. Names in ASCII (é -> e, ß -> ss, else ?), all the default font draws."""
+    letters = dict(zip("ßæÆœŒøØłŁđĐıþÞðÐ", "ss ae AE oe OE o O l L d D i th Th d D".split()))  # NFKD keeps these
     sizes = torch.bincount(pred, minlength=num_clusters)
     order = [c for c in sizes.argsort(descending=True, stable=True).tolist() if sizes[c] > 0]
     rows = []
     for c in order[:max_rows]:
         members = (pred == c).nonzero().flatten()
-        lines = [f"cluster {c}", f"{len(members)} image{'s' if len(members) > 1 else ''}"]
+        lines = [f"cluster {c}", f"{len(members)} image" + "s" * (len(members) > 1)]
         if labels is not None:
             counts = torch.bincount(labels[members])
             tops = (counts == counts.max()).nonzero().flatten().tolist()
             names = ", ".join(classes[t] if t < len(classes) else f"class {t}" for t in tops)
-            share = f"{counts[tops[0]] / len(members):.0%} of the cluster"
-            lines += [f"tie: {names}", f"{share} each"] if len(tops) > 1 else [names, share]
+            names = "".join(ch if " " <= ch <= "~" else letters.get(ch) or "".join(
+                d for d in unicodedata.normalize("NFKD", ch) if " " <= d <= "~") or "?" for ch in names)
+            tie = len(tops) > 1
+            lines += ["tie: " * tie + names, f"{counts[tops[0]] / len(members):.0%} of the cluster" + " each" * tie]
         rows.append((c, members, lines))
-    empty = [c for c in range(num_clusters) if sizes[c] == 0]
+    empty = (sizes == 0).nonzero().flatten().tolist()
     notes = [f"showing the {max_rows} largest of {len(order)} clusters; the other {len(order) - max_rows} are in "
-             "assignments.csv",
-             f"empty clusters ({len(empty)} of {num_clusters}): " + ", ".join(map(str, empty))]
-    return rows, notes[len(order) <= max_rows:2 if empty else 1]
+             "assignments.csv"] * (len(order) > max_rows)
+    return rows, notes + [f"empty clusters ({len(empty)} of {len(sizes)}): {', '.join(map(str, empty))}"] * bool(empty)
 
 
-def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clusters=0, per_row=10, size=64, panel=150, pad=2):
-    """clusters.png: per cluster (grid_plan) a label panel, then its `per_row` most confident images
-    (torchvision's make_grid); the notes underneath, in PIL's default font, in ASCII (ascii_text)."""
+def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clusters=0, per_row=10, size=64,
+                      panel=150, pad=2):
+    """clusters.png: per cluster (grid_plan) a label panel and its most confident images; the notes below."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
@@ -983,40 +932,25 @@ def save_cluster_grid(path, images, pred, conf, labels=None, classes=(), num_clu
     line, room = box[3] - box[1] + 2, panel - 3 * pad - 4  # four lines fit beside a thumbnail
     draw, wrapped = ImageDraw.Draw(Image.new("RGB", (1, 1))), []
     fits = lambda text, room: draw.textlength(text, font=font) <= room  # noqa: E731
-    for note in map(ascii_text, notes):  # in lines that fit, broken at spaces
+    for note in notes:  # broken at spaces into lines that fit
         wrapped.append("")
         for word in note.split(" "):
-            if wrapped[-1] and not fits(f"{wrapped[-1]} {word}", width - 4 * pad):
-                wrapped.append(word)
-            else:
-                wrapped[-1] = f"{wrapped[-1]} {word}".lstrip(" ")
-    height = len(rows) * (size + pad) + pad + (len(wrapped) * line + 2 * pad if wrapped else 0)
-    canvas = Image.new("RGB", (width, height), "white")
+            joined = f"{wrapped[-1]} {word}".lstrip(" ")
+            wrapped[-1:] = [joined] if not wrapped[-1] or fits(joined, width - 4 * pad) else [wrapped[-1], word]
+    height = len(rows) * (size + pad) + pad
+    canvas = Image.new("RGB", (width, height + (len(wrapped) * line + 2 * pad if wrapped else 0)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (c, members, lines) in enumerate(rows):
         top = pad + i * (size + pad)
         draw.rectangle([pad, top, panel - 1, top + size - 1], fill=(232, 232, 232))
-        for j, text in enumerate(map(ascii_text, lines)):
-            if not fits(text, room):  # cut with "..." to fit the panel
-                while text and not fits(text + "...", room):
-                    text = text[:-1]
-                text += "..."
+        for j, text in enumerate(lines):
+            if not fits(text, room):  # cut to the panel, with "..."
+                text = next(text[:k] + "..." for k in range(len(text), -1, -1) if not k or fits(text[:k] + "...", room))
             draw.text((2 * pad + 2, top + 1 + j * line), text, fill="black", font=font)
         members = members[conf[members].argsort(descending=True)][:per_row]  # most confident first
-        thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        thumbs = F.interpolate(images[members.cpu()].float() / 255, size=(size, size), mode="bilinear",
+                               antialias=True, align_corners=False)
         canvas.paste(to_pil_image(make_grid(thumbs, nrow=per_row, padding=pad, pad_value=1.0)), (panel, top - pad))
     for j, text in enumerate(wrapped):
-        draw.text((2 * pad, len(rows) * (size + pad) + 2 * pad + j * line), text, fill="black", font=font)
+        draw.text((2 * pad, height + pad + j * line), text, fill="black", font=font)
     canvas.save(path)
-
-
-# Letters that Unicode's decomposition (NFKD) leaves as they are, spelled in ASCII
-ASCII_LETTERS = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
-                 "Đ": "D", "ı": "i", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D"}
-
-
-def ascii_text(text):
-    """`text` in ASCII (é -> e, ß -> ss, else ?): Pillow's default font draws ASCII only, and class names
-    are folder names, often accented."""
-    return "".join(ch if " " <= ch <= "~" else ASCII_LETTERS.get(ch) or
-                   "".join(c for c in unicodedata.normalize("NFKD", ch) if " " <= c <= "~") or "?" for ch in text)

@@ -78,7 +78,7 @@ def test_vit_rejects_other_sizes():
 
 def test_sincos_table_formula():
     dim, g = 16, 3
-    table = common.sincos_2d(dim, g)
+    table = common.ViT(16 * g, dim, 1, 4).pos_embed[0]  # fixed 2-D sin-cos positions
     assert table.shape == (1 + g * g, dim) and torch.all(table[0] == 0)
     q = dim // 4
     for t in range(g * g):

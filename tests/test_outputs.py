@@ -244,15 +244,19 @@ def test_cluster_grid_draws_a_label_panel_per_row_and_the_notes(tmp_path):
 
 # --- 4. result files: class column, provenance ------------------------------------------------------
 def test_git_state_of_a_checkout_and_elsewhere(tmp_path, monkeypatch):
+    def git_state(folder):  # provenance's git fields for scripts in `folder`
+        monkeypatch.setattr(common, "__file__", str(folder / "common.py"))
+        return {k: v for k, v in common.provenance().items() if k.startswith("git_")}
+
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find a repository above tmp_path
-    assert common.git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
     if shutil.which("git"):
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         if head.returncode == 0:  # the tests run from a checkout
-            state = common.git_state(ROOT)
+            state = git_state(ROOT)
             assert state["git_commit"] == head.stdout.strip() and isinstance(state["git_dirty"], bool)
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
-    assert common.git_state(ROOT) == {"git_commit": None, "git_dirty": None}
+    assert git_state(ROOT) == {"git_commit": None, "git_dirty": None}
 
 
 # --- every script end to end ----------------------------------------------------------------------

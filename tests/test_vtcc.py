@@ -51,7 +51,7 @@ def test_vit_sizes(vit, width, depth, stem):
     """Table VI widths and depths with 12 heads; Table V's two stems; counts from the layer shapes."""
     backbone = vtcc.Network(4, image_size=32, vit=vit, stem=stem).backbone
     assert backbone.dim == width and len(backbone.blocks) == depth
-    assert all(block.attn.heads == 12 for block in backbone.blocks)
+    assert all(block.heads == 12 for block in backbone.blocks)
     if stem == "conv":
         widths = [3, width // 8, width // 4, width // 2, width]
         stem_params = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:])) + width * width + width
