@@ -1,14 +1,7 @@
-"""Datasets and batched augmentations shared by the five method scripts (CC, VTCC, ViT-IC, PICI, DCSC).
-
-Images are decoded once into one uint8 tensor (N, 3, S, S), cached in `<root>/.cache/`, each whole
-(its original size in ds.sizes: the authors crop the full original and evaluate on it resized), and
-augmented a batch at a time on the device with torchvision's ops and a seeded CPU generator.
-
-    ds = load_dataset("ucmerced", root="./data", image_size=224)
-    aug = Augmentation((View(crop=(0.08, 1.0), flip=0.5),) * 2, 224)
-    for x, y, idx in batches(ds.images, ds.labels, 256, generator=g):
-        x_a, x_b = aug.views(x.to(device), g, ds.sizes[idx])
-"""
+"""Datasets and batched augmentations of the five method scripts. Images are decoded once into one uint8
+tensor (N, 3, S, S), cached in `<root>/.cache/`, each whole (original sizes in ds.sizes: the authors crop
+the original and evaluate on it resized), and augmented a batch at a time on the device as torchvision's
+ops would, drawn from a seeded CPU generator."""
 
 import functools
 import hashlib
@@ -58,7 +51,7 @@ small_mammals: hamster mouse rabbit shrew squirrel
 trees: maple_tree oak_tree palm_tree pine_tree willow_tree
 vehicles_1: bicycle bus motorcycle pickup_truck train
 vehicles_2: lawn_mower rocket streetcar tank tractor""".splitlines())
-# fine label id (names in alphabetical order, as torchvision's CIFAR100.classes) -> coarse id
+# fine label id (names sorted, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
 # torchvision's class, its folder in --data-root, the download
@@ -68,43 +61,40 @@ TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.tor
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 3  # bumped when the decoding changes, so old caches are rebuilt
-SPLITS = {"train", "test", "val", "valid", "validation"}  # folder names that are splits, not classes
-CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]  # its label ids 0-3, as released
+CACHE_VERSION = 3  # bumped when the decoding changes: old caches are rebuilt
+CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]  # its label ids 0-3
 
 
 class DataError(ValueError):
-    """Bad dataset input; the message says how to fix it (scripts exit with code 2)."""
+    """Bad dataset input; the message says how to fix it."""
 
 
 @dataclass
 class ImageSet:
     images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, squashed to S x S
     sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame crops are drawn in
-    labels: torch.Tensor | None  # (N,) int64 or None
-    files: list  # N file paths in the folder, or "cifar10/train/123"-style ids
+    labels: torch.Tensor | None  # (N,) int64
+    files: list  # paths in the folder, or "cifar10/train/123"-style ids
     classes: list
     num_classes: int  # K: --num-clusters, else len(classes)
     name: str
-    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split when asked for (CC's instance loss)
+    unlabeled: torch.Tensor | None = None  # STL-10's unlabeled split (CC's instance loss)
 
     def __len__(self):
         return len(self.images)
 
 
-# --- Loading: every source is a list of images (in memory or files), labels and class names, which
-# load_dataset subsets, checks against the run's needs and stores.
+# --- Loading: each source is images (in memory or files), labels and class names, which load_dataset
+# subsets, checks against the run's needs and stores.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None, memory=None):
     """A named dataset (DATASETS) or an image folder as an ImageSet at storage_side's S (by default
-    native: the papers crop the original). need: --batch-size; fewer images or than K: refused early."""
-    if num_clusters is not None and num_clusters < 2:
-        raise DataError(f"--num-clusters must be at least 2, got {num_clusters}")
-    if max_images is not None and max_images < 2:
-        raise DataError(f"--max-images must be at least 2, got {max_images}")
-    if storage_size is not None and storage_size < 1:
-        raise DataError(f"--storage-size must be a positive number of pixels, got {storage_size}")
+    native: the papers crop the original). need: --batch-size; fewer images, or fewer than K: refused."""
+    for flag, value, least, what in (("num-clusters", num_clusters, 2, "at least 2"), ("max-images", max_images, 2,
+                                     "at least 2"), ("storage-size", storage_size, 1, "a positive number of pixels")):
+        if value is not None and value < least:
+            raise DataError(f"--{flag} must be {what}, got {value}")
     side, name = (storage_size, memory), str(name_or_path)
     title = name if name in DATASETS else os.path.basename(os.path.normpath(name))
     # a source: uint8 images (N, 3, s, s) or a folder; N ids or [(file, bytes, mtime_ns)]; labels; classes
@@ -133,7 +123,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     elif name in DATASETS or os.path.isdir(name):
         folder = os.path.join(root, {"tiny-imagenet": "tiny-imagenet-200/train"}.get(name, name)) if name in DATASETS else name
         if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
-            folder = os.path.join(folder, "images")  # DTD as published: dtd/images/<class>/ beside labels/ and imdb/
+            folder = os.path.join(folder, "images")  # DTD as published, beside labels/ and imdb/
         if name == "tiny-imagenet" and not os.path.isdir(folder):
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
@@ -163,7 +153,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         sizes = torch.tensor(where.shape[-2:]).repeat(len(where), 1)
         images = _resize_uint8(where, storage_side(len(where), where.shape[-1], *side)).contiguous()
     ds = ImageSet(images, sizes, labels, files, classes, num_clusters or len(classes), title)
-    _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # again: unreadable images were dropped
+    _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
     small = (ds.sizes < image_size).any(1)
@@ -175,7 +165,7 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
     if stored < native and not storage_size:
         warnings.warn(f"{ds.name}: {len(ds)} images at their native {native} px would take {len(ds) * 3 * native ** 2 / 1e9:.1f} "
                       f"GB, more than the {memory / 1e9:.1f} GB the store may use: stored at {stored} px (--storage-size S sets the side)")
-    if with_unlabeled and name == "stl10":  # STL-10's 100k unlabelled images, for CC's instance loss
+    if with_unlabeled and name == "stl10":
         u = _torchvision(name, root, "unlabeled")[0]
         u = u[balanced_subset(None, max_images, seed, total=len(u))] if max_images else u
         ds.unlabeled = _resize_uint8(u, ds.images.shape[-1]).contiguous()
@@ -183,8 +173,8 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
 
 
 def storage_side(n, native, given=None, memory=None, cached=None):
-    """The stored side of n images: `given` (--storage-size), else their largest native side, or when
-    n x 3 x S^2 bytes exceed `memory` the largest S that fits (a cache's kept till native fits)."""
+    """The stored side of n images: `given` (--storage-size), else the native side, or when n x 3 x S^2
+    bytes exceed `memory` the largest S that fits (a cache's S kept till native fits)."""
     if given or memory is None or n * 3 * native ** 2 <= memory:
         return min(given or native, native)
     return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
@@ -202,13 +192,13 @@ def _check_count(n, need, num_clusters, classes, name):
 def balanced_subset(labels, n, seed, total=None):
     """Sorted indices of a class-balanced subset of n images (random within each class, seeded)."""
     total = len(labels) if labels is not None else total
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     if n >= total:
         return torch.arange(total)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     if labels is None:
         return perm[:n].sort().values
-    # each image's rank in its class (in shuffled order); taking ranks 0, 1, 2... of every class in
-    # turn gives counts that differ by at most one between classes
+    # each image's rank in its class (shuffled); taking ranks 0, 1, 2... of every class in turn keeps
+    # the classes' counts within one of each other
     lab = torch.as_tensor(labels)[perm]
     order, counts = torch.argsort(lab, stable=True), torch.bincount(lab)
     rank = torch.empty_like(lab)
@@ -217,7 +207,7 @@ def balanced_subset(labels, n, seed, total=None):
 
 
 def _resize_uint8(x, size):
-    """Antialiased resize of square uint8 images (N, 3, s, s) to (N, 3, size, size), in chunks."""
+    """Square uint8 images (N, 3, s, s) resized (antialiased) to size x size, in chunks."""
     if x.shape[-1] == size:
         return x
     out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
@@ -270,7 +260,7 @@ def _folder(folder, num_clusters, only=None):
         warnings.warn(f"{folder}: ignoring {len(flat)} images outside the class folders, e.g. {flat[0][0]}")
         listing = [r for r in listing if os.sep in r[0]]
     classes = sorted({r[0].split(os.sep)[0] for r in listing})
-    if set(classes) <= SPLITS:  # e.g. train/ and test/: clustering them would find K = 2 "classes"
+    if set(classes) <= {"train", "test", "val", "valid", "validation"}:  # splits: clustering them finds K = 2
         fix = (f"for Chaoyang pass --dataset chaoyang --data-root {os.path.dirname(os.path.normpath(folder))} (labels "
                f"from its train.json / test.json)" if os.path.isfile(os.path.join(folder, "train.json")) else
                f"put the images in one sub-folder per class, all splits pooled ({folder}/<class>/<image>.jpg)")
@@ -318,7 +308,7 @@ def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cach
         try:  # memory-mapped: starts at once, and the processes on one machine share the pages
             c = torch.load(cache, weights_only=True, mmap=True)
             n, native, stored = len(c["files"]), int(c["sizes"].max()), c["images"].shape[-1]
-            if stored != storage_side(n, native, *side, cached=stored):  # the memory rule moved S
+            if stored != storage_side(n, native, *side, cached=stored):
                 raise OSError(f"stored at {stored} px, and {storage_side(n, native, *side)} px fits the memory now")
             _report_bad(c["bad"], len(c["files"]) + len(c["bad"]), folder)
             return c["images"], c["sizes"], c["labels"], c["files"]
@@ -331,7 +321,7 @@ def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cach
     workers = workers or os.cpu_count() or 1
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
-        sizes = list(pool.map(_image_size, paths, chunksize=64))
+        sizes = list(pool.map(_image_size, paths))
         size = storage_side(sum(s is not None for s in sizes), max((max(s) for s in sizes if s), default=1), *side)
         arr = np.zeros((len(paths), 3, size, size), np.uint8)
 
@@ -342,18 +332,18 @@ def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cach
             except Exception:
                 return False
 
-        ok = list(pool.map(work, range(len(paths)), chunksize=16))
+        ok = list(pool.map(work, range(len(paths))))
     bad = [f for f, good in zip(files, ok) if not good]
     _report_bad(bad, len(files), folder)
     if bad:
         arr, files = arr[np.array(ok)], [f for f, g in zip(files, ok) if g]
         labels = labels[torch.tensor(ok)] if labels is not None else None
     images = torch.from_numpy(arr)
-    sizes = torch.tensor([s[::-1] for s, good in zip(sizes, ok) if good], dtype=torch.int64).view(-1, 2)  # (height, width)
+    sizes = torch.tensor([s[::-1] for s, good in zip(sizes, ok) if good], dtype=torch.int64).view(-1, 2)  # (h, w)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"
     torch.save({"images": images, "sizes": sizes, "labels": labels, "files": files, "bad": bad}, tmp)
-    os.replace(tmp, cache)  # atomic: a run killed mid-write never leaves a half cache
+    os.replace(tmp, cache)  # atomic: a killed run leaves no half cache
     return images, sizes, labels, files
 
 
@@ -376,9 +366,9 @@ def _image_size(path):
 
 
 def _decode(path, size):
-    """One image whole as (size, size, 3) uint8 RGB, resized to size x size (aspect not kept)."""
+    """One image whole as (size, size, 3) uint8 RGB (aspect not kept)."""
     with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size x size (faster)
+        im.draft("RGB", (size, size))  # JPEG: decoded at a smaller scale that still covers size x size
         im = to_rgb(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
@@ -386,9 +376,9 @@ def _decode(path, size):
 
 
 def to_rgb(im):
-    """Any image as 8-bit RGB, each mode by its real range (Pillow's convert("RGB") clips 16-bit greys
-    to white and 0-1 floats to black): integer greys from 0-65535, float greys from 0-1, else their
-    own min-max; transparency on white, as a viewer shows it; the rest by Pillow."""
+    """Any image as 8-bit RGB, each mode by its real range (Pillow's convert("RGB") clips 16-bit greys to
+    white and 0-1 floats to black): integer greys from 0-65535, float greys 0-1, else their own min-max;
+    transparency on white, as a viewer shows it."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.float64)
         lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
@@ -435,9 +425,9 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         yield x, y, idx
 
 
-# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), each as torchvision's. No host sync:
-# the parameters come in one copy (to_device), constants are made on the device (_vector), and
-# per-sample choices are torch.where, a parameter that changes nothing, or a slice of the batch.
+# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), each as torchvision's. No host sync: the
+# parameters come in one copy (to_device), constants are made on the device (_vector), and per-sample
+# choices are torch.where, a parameter that changes nothing, or a slice of the batch.
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
@@ -446,7 +436,7 @@ def _vector(values, device):
 
 
 def to_device(tensors, device):
-    """A list of CPU tensors on `device` after ONE copy of one pinned byte buffer, not blocking."""
+    """CPU tensors on `device` after ONE non-blocking copy of one pinned byte buffer."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
@@ -458,7 +448,7 @@ def _pack(tensors, pin=False):
     """(a uint8 buffer of the tensors' bytes, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.nbytes for t in tensors]
-    starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned, for .view(dtype)
+    starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned for .view(dtype)
     buf = torch.empty(starts[-1] + sizes[-1], dtype=torch.uint8, pin_memory=pin)
     for t, start, n in zip(tensors, starts, sizes):
         buf[start:start + n] = t.reshape(-1).view(torch.uint8)
@@ -466,8 +456,8 @@ def _pack(tensors, pin=False):
 
 
 def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
-    """Boxes (B, 4) = (top, left, height, width) (of originals of sizes (B, 2) when given) as the small
-    parts of their _crop_weights, made on the CPU for a batch; flip (B,): mirrored, columns reversed."""
+    """Boxes (B, 4) = (top, left, height, width), of originals of sizes (B, 2) when given, as the parts
+    of their _crop_weights small enough to make on the CPU; flip (B,): mirrored."""
     offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
     if sizes is not None:  # the same part, at least one stored pixel wide
         f = n_in / sizes.to(torch.float32)
@@ -508,11 +498,8 @@ def resize(x, size):
     return _resample(x, _whole(x.shape[-1], size, x.device))
 
 
-LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
-
-
 def rgb_to_grey(x):
-    return (_vector(LUMA, x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])
+    return (_vector((0.2989, 0.587, 0.114), x.device) @ x.flatten(2)).view(len(x), 1, *x.shape[2:])  # torchvision's
 
 
 def adjust_hue(x, f):
@@ -520,10 +507,10 @@ def adjust_hue(x, f):
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
-    top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals (r, then g): HSV's sector
+    top = below[:, 0] * (1 + below[:, 1])  # the largest channel, the first of equals: HSV's sector
     diff = (x.roll(-1, 1) - x.roll(1, 1)).gather(1, top[:, None])[:, 0]  # g - b, b - r or r - g
     h = diff / (c + (c == 0)) + (2 * top + 6 * f.view(-1, 1, 1))  # grey pixels: 0 / 1
-    h = torch.remainder(h, 6)[:, None]  # in [0, 6)
+    h = torch.remainder(h, 6)[:, None]
     k = _vector((-1.0, 2.0, 2.0, 3.0, 2.0, 4.0, 1.0, -1.0, -1.0), x.device).view(3, 3, 1, 1)
     ramps = torch.addcmul(k[0], (h - k[1]).abs_(), k[2]).clamp_(0, 1)  # R: 1 outside [1, 5]; G, B: peaks at 2, 4
     return torch.addcmul(lo[:, None], ramps, c[:, None])
@@ -544,23 +531,9 @@ def _jitter_stages(factors, order, apply):
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
     ops = torch.cat([order[:, :3], order[:, 1:]], 1)  # (B, 6): 0 brightness, 1 contrast, 2 saturation
-    first = [int((at[:m] > k).sum()) for k in range(3)]  # stage k: [0, first[k]); stage 3 + k: [first[k], m)
+    first = [int((at[:m] > k).sum()) for k in range(3)]
     slices = [(0, n) for n in first] + [(n, m) for n in first]
-    tensors = [perm, perm.argsort(), factors.gather(1, ops), ops == 0, ops == 2, factors[:, 3]]
-    return tensors, (m, slices)
-
-
-def _jitter(x, params, bounds):
-    """ColorJitter from _jitter_stages' tensors and host bounds: each stage in place on its slice."""
-    perm, back, f, bright, sat, hue = params
-    m, slices = bounds
-    x = x[perm]
-    for i, (a, b) in enumerate(slices):
-        if i == 3 and m:
-            x[:m] = adjust_hue(x[:m], hue[:m])
-        if b > a:
-            _jitter_stage(x[a:b], *(t[a:b, i, None, None, None] for t in (f, bright, sat)), out=x[a:b])
-    return x[back]
+    return [perm, perm.argsort(), factors.gather(1, ops), ops == 0, ops == 2, factors[:, 3]], slices
 
 
 def blur_kernel_size(size):
@@ -570,7 +543,6 @@ def blur_kernel_size(size):
 
 
 def _gaussian_kernels(sigma, kernel_size):
-    """(B, kernel_size) normalised Gaussian weights, one sigma per sample."""
     t = torch.arange(-(kernel_size // 2), kernel_size // 2 + 1, device=sigma.device)
     k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
     return k / k.sum(1, keepdim=True)
@@ -585,8 +557,8 @@ def _reflect_index(n, kernel_size, device):
 
 
 def blur(x, k):
-    """Each sample blurred with its kernel k (B, kernel_size), reflect padding, as torchvision's
-    gaussian_blur: a banded matrix per sample on rows and columns."""
+    """Each sample blurred with its kernel k (B, kernel_size) as torchvision's gaussian_blur (reflect
+    padding): a banded matrix per sample on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
     m = torch.zeros(len(x), n, n, device=x.device)
     m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
@@ -594,7 +566,6 @@ def blur(x, k):
 
 
 def solarize(x, threshold=0.5):
-    """Pixels at or above threshold (a number, or (B, 1, 1, 1) per sample) inverted."""
     return torch.where(x >= threshold, 1 - x, x)
 
 
@@ -647,7 +618,7 @@ class View:
 
     @property
     def random(self):
-        return self.crop is not None or any(p > 0 for p in (self.flip, self.p_jitter, self.p_grey, self.p_blur, self.p_solarize))
+        return self.crop is not None or max(self.flip, self.p_jitter, self.p_grey, self.p_blur, self.p_solarize) > 0
 
 
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistics
@@ -658,12 +629,11 @@ def sample_view(n, height, width, g, view):
     coin = lambda p: torch.rand(n, generator=g) < p
     b, c, s, h = view.jitter
     lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
-    whole = lambda: torch.stack([torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n),
-                                 torch.as_tensor(width).expand(n)], 1).long()  # the whole original
-    return dict(boxes=sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else whole(),
-                flip=coin(view.flip), jitter=coin(view.p_jitter), factors=lo + (hi - lo) * torch.rand(n, 4, generator=g),
-                order=torch.argsort(torch.rand(n, 4, generator=g), dim=1), gray=coin(view.p_grey), blur=coin(view.p_blur),
-                sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))
+    boxes = sample_crop_boxes(n, height, width, g, scale=view.crop) if view.crop is not None else torch.stack(
+        [torch.zeros(n), torch.zeros(n), torch.as_tensor(height).expand(n), torch.as_tensor(width).expand(n)], 1).long()
+    return dict(boxes=boxes, flip=coin(view.flip), jitter=coin(view.p_jitter), factors=_uniform((n, 4), lo, hi, g),
+                order=torch.argsort(torch.rand(n, 4, generator=g), dim=1), gray=coin(view.p_grey),
+                blur=coin(view.p_blur), sigma=_uniform(n, *view.sigma, g), solarize=coin(view.p_solarize))
 
 
 class Augmentation:
@@ -679,23 +649,22 @@ class Augmentation:
             raise ValueError("the two views of a recipe must share the normalisation: the eval transform uses it")
         self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
-    def views(self, x, generator, sizes=None, extra=None):
+    def views(self, x, generator, sizes=None, extra=None, recipe=None):
         """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views;
         extra() draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
-        return self._views(x, generator, self.recipe, sizes, extra)
+        n, s = len(x), x.shape[-1]
+        sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
+        recipe = recipe or self.recipe
+        drawn = [self._params(v, n, s, generator, sizes) if v.random else ([], None) for v in recipe]
+        more = list(extra()) if extra is not None else []
+        moved = iter(to_device([t for p, _ in drawn for t in p] + more, x.device))  # the one copy
+        out = [self._apply(x, v, [next(moved) for _ in p], slices) if v.random else self.eval(x)
+               for v, (p, slices) in zip(recipe, drawn)]
+        return (*out, list(moved)) if extra is not None else tuple(out)
 
     def view(self, x, g, v, sizes=None):
         """One View of the batch; one with nothing random is the eval transform and draws nothing."""
-        return self._views(x, g, (v,), sizes)[0]
-
-    def _views(self, x, g, views, sizes, extra=None):
-        n, s = len(x), x.shape[-1]
-        sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
-        drawn = [self._params(v, n, s, g, sizes) if v.random else ([], None) for v in views]
-        more = list(extra()) if extra is not None else []
-        moved = iter(to_device([t for p, _ in drawn for t in p] + more, x.device))  # the one copy
-        out = [self._apply(x, v, [next(moved) for _ in p], host) if v.random else self.eval(x) for v, (p, host) in zip(views, drawn)]
-        return (*out, list(moved)) if extra is not None else tuple(out)
+        return self.views(x, g, sizes, recipe=(v,))[0]
 
     def _params(self, v, n, s, g, sizes):
         """One View's parameters (CPU): the tensors _apply reads, in its order, and the jitter's slices."""
@@ -703,9 +672,9 @@ class Augmentation:
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
         # with the colour ops, blur and solarize, so BYOL's flip-last order gives the same images
-        p, host = [*_crop_grid(q["boxes"], s, self.size, q["flip"], sizes)], None
+        p, slices = [*_crop_grid(q["boxes"], s, self.size, q["flip"], sizes)], None
         if v.p_jitter > 0:
-            jitter, host = _jitter_stages(q["factors"], q["order"], q["jitter"])
+            jitter, slices = _jitter_stages(q["factors"], q["order"], q["jitter"])
             p += jitter
         if v.p_grey > 0:
             p.append(q["gray"])
@@ -714,13 +683,20 @@ class Augmentation:
             p.append(torch.where(q["blur"][:, None], k, (torch.arange(self.kernel) == self.kernel // 2).float()))
         if v.p_solarize > 0:
             p.append(torch.where(q["solarize"], 0.5, math.inf))
-        return p, host
+        return p, slices
 
-    def _apply(self, x, v, p, host):
+    def _apply(self, x, v, p, slices):
         p = iter(p)
         x = _resample(x, _crop_weights(*(next(p) for _ in range(4))))
-        if v.p_jitter > 0:
-            x = _jitter(x, [next(p) for _ in range(6)], host)
+        if v.p_jitter > 0:  # in place, stage by stage on _jitter_stages' slices
+            perm, back, f, bright, sat, hue = (next(p) for _ in range(6))
+            x, m = x[perm], slices[-1][1]
+            for i, (a, b) in enumerate(slices):
+                if i == 3 and m:
+                    x[:m] = adjust_hue(x[:m], hue[:m])
+                if b > a:
+                    _jitter_stage(x[a:b], *(t[a:b, i, None, None, None] for t in (f, bright, sat)), out=x[a:b])
+            x = x[back]
         if v.p_grey > 0:
             x = torch.where(next(p).view(-1, 1, 1, 1), rgb_to_grey(x), x)
         if v.p_blur > 0:
