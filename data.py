@@ -88,9 +88,9 @@ class ImageSet:
 # subsets, checks against the run's needs and stores.
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
-                 with_unlabeled=False, storage_size=None, workers=None, cache_dir=None, need=None, memory=None):
+                 with_unlabeled=False, storage_size=None, cache_dir=None, need=None, memory=None):
     """A named dataset (DATASETS) or an image folder as an ImageSet at storage_side's S (by default
-    native: the papers crop the original). need: --batch-size; fewer images, or fewer than K: refused."""
+    native: the papers crop the original). need: --batch-size, checked before decoding."""
     for flag, value, least, what in (("num-clusters", num_clusters, 2, "at least 2"), ("max-images", max_images, 2,
                                      "at least 2"), ("storage-size", storage_size, 1, "a positive number of pixels")):
         if value is not None and value < least:
@@ -141,19 +141,30 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         raise DataError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}, or the path of a folder "
                         f"of images (one sub-folder per class, or a flat folder with --num-clusters)")
     where, files, labels, classes = source
+    k = num_clusters or len(classes)
+
+    def check(n):  # a training run needs one batch, and an image per cluster
+        if need is None:
+            return
+        if n < need:
+            raise DataError(f"{title} has {n} images, fewer than --batch-size {need}: lower --batch-size")
+        if n < k:
+            fix = "lower --num-clusters" if num_clusters else f"raise --max-images to at least the {k} classes"
+            raise DataError(f"{title} has {n} images, fewer than the {k} clusters: {fix}")
+
     labels = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
     keep = balanced_subset(labels, max_images, seed, total=len(files)) if max_images else None
-    _check_count(len(files) if keep is None else len(keep), need, num_clusters, classes, title)
+    check(len(files) if keep is None else len(keep))
     if isinstance(where, str):
-        images, sizes, labels, files = _stored(where, files, labels, keep, side, max_images, seed, workers,
+        images, sizes, labels, files = _stored(where, files, labels, keep, side, max_images, seed,
                                                cache_dir or os.path.join(root, ".cache"), title)
     else:
         if keep is not None:
             where, labels, files = where[keep], labels[keep], [files[i] for i in keep]
         sizes = torch.tensor(where.shape[-2:]).repeat(len(where), 1)
         images = _resize_uint8(where, storage_side(len(where), where.shape[-1], *side)).contiguous()
-    ds = ImageSet(images, sizes, labels, files, classes, num_clusters or len(classes), title)
-    _check_count(len(ds), need, num_clusters, ds.classes, ds.name)  # unreadable images were dropped
+    ds = ImageSet(images, sizes, labels, files, classes, k, title)
+    check(len(ds))  # unreadable images were dropped
     if name in DATASETS and len(ds.classes) != DATASETS[name]:
         warnings.warn(f"{name}: found {len(ds.classes)} classes, the paper's dataset has {DATASETS[name]}")
     small = (ds.sizes < image_size).any(1)
@@ -173,33 +184,21 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
 
 
 def storage_side(n, native, given=None, memory=None, cached=None):
-    """The stored side of n images: `given` (--storage-size), else the native side, or when n x 3 x S^2
-    bytes exceed `memory` the largest S that fits (a cache's S kept till native fits)."""
+    """`given` (--storage-size), else the native side, or where n x 3 x S^2 bytes exceed `memory` the
+    largest S that fits (a cache's S kept till native fits)."""
     if given or memory is None or n * 3 * native ** 2 <= memory:
         return min(given or native, native)
     return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
 
 
-def _check_count(n, need, num_clusters, classes, name):
-    """A training run needs one batch of images, and at least one image per cluster."""
-    if need is not None and n < need:
-        raise DataError(f"{name} has {n} images, fewer than --batch-size {need}: lower --batch-size")
-    if need is not None and n < (num_clusters or len(classes)):
-        fix = "lower --num-clusters" if num_clusters else f"raise --max-images to at least the {len(classes)} classes"
-        raise DataError(f"{name} has {n} images, fewer than the {num_clusters or len(classes)} clusters: {fix}")
-
-
 def balanced_subset(labels, n, seed, total=None):
-    """Sorted indices of a class-balanced subset of n images (random within each class, seeded)."""
+    """Sorted indices of a seeded, class-balanced subset of n images."""
     total = len(labels) if labels is not None else total
     if n >= total:
         return torch.arange(total)
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    if labels is None:
-        return perm[:n].sort().values
-    # each image's rank in its class (shuffled); taking ranks 0, 1, 2... of every class in turn keeps
-    # the classes' counts within one of each other
-    lab = torch.as_tensor(labels)[perm]
+    # ranks 0, 1, 2... of every class in turn: the classes' counts differ by one at most
+    lab = torch.as_tensor(labels)[perm] if labels is not None else torch.zeros(total, dtype=torch.int64)
     order, counts = torch.argsort(lab, stable=True), torch.bincount(lab)
     rank = torch.empty_like(lab)
     rank[order] = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[lab[order]]
@@ -207,7 +206,6 @@ def balanced_subset(labels, n, seed, total=None):
 
 
 def _resize_uint8(x, size):
-    """Square uint8 images (N, 3, s, s) resized (antialiased) to size x size, in chunks."""
     if x.shape[-1] == size:
         return x
     out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
@@ -218,7 +216,6 @@ def _resize_uint8(x, size):
 
 
 def _torchvision(name, root, split):
-    """One split of a TORCHVISION dataset: (uint8 images, labels, classes)."""
     import torchvision
     cls, folder, url = TORCHVISION[name]
     cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
@@ -238,8 +235,7 @@ def _torchvision(name, root, split):
 
 
 def _folder(folder, num_clusters, only=None):
-    """The images under folder (or its class folders `only`): one sub-folder per class (searched
-    recursively), or a flat folder of unlabelled images."""
+    """The images in folder's (or its `only`) class folders, searched recursively, or a flat folder's."""
     listing = []
     for sub in only or [""]:
         for top, dirs, fnames in os.walk(os.path.join(folder, sub), followlinks=True):
@@ -273,7 +269,7 @@ def _folder(folder, num_clusters, only=None):
 
 
 def _chaoyang(folder):
-    """Chaoyang as published: {train,test}/*.jpg, labels in {train,test}.json; both splits pooled."""
+    """Chaoyang as published, both splits pooled: {train,test}/*.jpg, labels in {train,test}.json."""
     pairs = []
     for split in ("train", "test"):
         path = os.path.join(folder, f"{split}.json")
@@ -299,9 +295,8 @@ def _chaoyang(folder):
     return folder, listing, [y for _, y in pairs], CHAOYANG_CLASSES
 
 
-def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cache_dir, name):
-    """(images, sizes, labels, files) of the listed files (`keep` of them) at storage_side(*side),
-    decoded or from the cache (keyed by all that shapes them)."""
+def _stored(folder, listing, labels, keep, side, max_images, seed, cache_dir, name):
+    """The listed files (`keep` of them) decoded at storage_side(*side), or from the cache."""
     key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, side[0]]
     cache = os.path.join(cache_dir, f"{name}-{side[0] or 'native'}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
@@ -318,7 +313,7 @@ def _stored(folder, listing, labels, keep, side, max_images, seed, workers, cach
         listing, labels = [listing[i] for i in keep], labels[keep] if labels is not None else None
     files = [r[0] for r in listing]
     paths = [os.path.join(folder, f) for f in files]
-    workers = workers or os.cpu_count() or 1
+    workers = os.cpu_count() or 1
     print(f"decoding {len(paths)} images of {folder} with {workers} threads (once; cached in {cache})")
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
         sizes = list(pool.map(_image_size, paths))
@@ -356,8 +351,7 @@ def _report_bad(bad, total, folder):
         warnings.warn(f"skipped {len(bad)} unreadable images in {folder}: {names}")
 
 
-def _image_size(path):
-    """(width, height) from the header, or None for an unreadable file."""
+def _image_size(path):  # (width, height), None if unreadable
     try:
         with Image.open(path) as im:
             return im.size
@@ -395,26 +389,23 @@ def to_rgb(im):
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
-    """(uint8 images, labels or None, int64 CPU indices) batches, shuffled by `generator` or in order;
-    under torchrun this rank's share of one global batch, in rank 0's order; moved to `device`."""
+    """(uint8 images, labels or None, int64 CPU indices) batches on `device`; under torchrun this rank's
+    share of a global batch, in rank 0's order."""
     n = len(images)
     if batch_size % world_size:
         raise DataError(f"batch size {batch_size} must divide by the number of processes {world_size}")
     if drop_last and n < batch_size:
         raise DataError(f"batch size {batch_size} is larger than the {n} images; lower --batch-size")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    if shuffle and world_size > 1 and torch.distributed.is_initialized():  # one order for all (NCCL sends GPU tensors only)
-        where = torch.device(device) if device is not None and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        shared = order.to(where)
-        torch.distributed.broadcast(shared, src=0)
-        order = shared.cpu()
+    if shuffle and world_size > 1 and torch.distributed.is_initialized():  # NCCL sends GPU tensors only
+        order = order.to(device if device is not None and torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.broadcast(order, src=0)
+        order = order.cpu()
     device = torch.device(device) if device is not None else None
-    # the epoch's order where images and labels live, in one non-blocking copy, not one per step
+    # the epoch's order where images and labels live, in one copy, not one per step
     on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
-        idx = {d: o[start:start + batch_size] for d, o in on.items()}
-        if world_size > 1:
-            idx = {d: torch.tensor_split(i, world_size)[rank] for d, i in idx.items()}
+        idx = {d: o[start:start + batch_size].tensor_split(world_size)[rank] for d, o in on.items()}
         y = labels[idx[labels.device]] if labels is not None else None
         x = images[idx[images.device]]
         idx = idx[torch.device("cpu")]
@@ -431,12 +422,12 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
-    """A small constant made on `device` by fill kernels (a host copy would wait for the GPU)."""
+    """A constant made on `device` by fill kernels: a host copy would wait for the GPU."""
     return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 def to_device(tensors, device):
-    """CPU tensors on `device` after ONE non-blocking copy of one pinned byte buffer."""
+    """CPU tensors on `device` by ONE non-blocking copy of a pinned byte buffer."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
@@ -445,7 +436,7 @@ def to_device(tensors, device):
 
 
 def _pack(tensors, pin=False):
-    """(a uint8 buffer of the tensors' bytes, a function viewing a copy of it as the tensors)."""
+    """(the tensors' bytes in one uint8 buffer, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.nbytes for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned for .view(dtype)
@@ -456,7 +447,7 @@ def _pack(tensors, pin=False):
 
 
 def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
-    """Boxes (B, 4) = (top, left, height, width), of originals of sizes (B, 2) when given, as the parts
+    """Boxes (B, 4) = (top, left, height, width) in originals of sizes (B, 2) when given, as the parts
     of their _crop_weights small enough to make on the CPU; flip (B,): mirrored."""
     offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
     if sizes is not None:  # the same part, at least one stored pixel wide
@@ -480,7 +471,7 @@ def _crop_weights(c, center, support, inside):
 
 
 def _resample(x, w):
-    """x resampled by _crop_weights w; uint8 gives floats in [0, 1]."""
+    """uint8 gives floats in [0, 1]."""
     ry, rx = w[:, 0], w[:, 1]
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
@@ -503,7 +494,7 @@ def rgb_to_grey(x):
 
 
 def adjust_hue(x, f):
-    """Rotate the hue by f (B,) turns: HSV's hue h in sixths, each channel min + chroma * ramp(h)."""
+    """The hue turned by f (B,): HSV's hue h in sixths, each channel min + chroma * ramp(h)."""
     lo, v = torch.aminmax(x, dim=1)
     c = v - lo  # chroma
     below = x[:, :2] < v[:, None]  # r, g below the largest (argmax over 3 channels is slow on the CPU)
@@ -517,16 +508,16 @@ def adjust_hue(x, f):
 
 
 def _jitter_stage(x, f, bright, sat, out=None):
-    """ColorJitter's brightness (bright), saturation (sat) or contrast per sample, f (B, 1, 1, 1)."""
+    """ColorJitter's brightness (bright), saturation (sat) or contrast, by f (B, 1, 1, 1)."""
     grey = rgb_to_grey(x)
     toward = torch.where(sat, grey, grey.mean(dim=(1, 2, 3), keepdim=True))
     return torch.clamp(torch.where(bright, x * f, torch.lerp(toward, x, f)), 0, 1, out=out)
 
 
 def _jitter_stages(factors, order, apply):
-    """ColorJitter's ops of each sample in its own order, laid out on the CPU: the costly hue one stage
-    for all, the ops before it stages 0-2, those after it 3-5. With the jittered samples first, by
-    the hue's place p, each stage is a slice: k < 3 takes p > k (order[k]), 3 + k p <= k (order[k + 1])."""
+    """Each sample's ColorJitter order as stages: the costly hue one for all, the ops before it 0-2, after
+    it 3-5. Jittered samples first, by the hue's place p, each stage is a slice: k < 3 takes p > k
+    (order[k]), 3 + k p <= k (order[k + 1])."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -550,15 +541,14 @@ def _gaussian_kernels(sigma, kernel_size):
 
 @functools.lru_cache(maxsize=None)
 def _reflect_index(n, kernel_size, device):
-    """(n, kernel_size): each tap's source pixel, reflected at the edges without repeating them."""
+    """(n, kernel_size): each tap's pixel, reflected at the edges without repeating them."""
     r = kernel_size // 2
     src = (torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs()
     return torch.where(src > n - 1, 2 * (n - 1) - src, src)
 
 
 def blur(x, k):
-    """Each sample blurred with its kernel k (B, kernel_size) as torchvision's gaussian_blur (reflect
-    padding): a banded matrix per sample on rows and columns."""
+    """torchvision's gaussian_blur, kernel k (B, kernel_size) per sample: a banded matrix on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
     m = torch.zeros(len(x), n, n, device=x.device)
     m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
@@ -593,19 +583,17 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     height, width = height[:, 0], width[:, 0]
     fw = torch.where(width / height > ratio[1], torch.round(height * ratio[1]), width)  # the fallback
     fh = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)
-    found = fits.any(1)
-    u = torch.rand(n, 2, generator=g).double()
-    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.div(width - fw, 2, rounding_mode="floor"))
-    h, w = torch.where(found, h, fh), torch.where(found, w, fw)
-    return torch.stack([top, left, h, w], 1).long()
+    found, u = fits.any(1)[:, None], torch.rand(n, 2, generator=g).double()
+    frame, box, fall = torch.stack([height, width], 1), torch.stack([h, w], 1), torch.stack([fh, fw], 1)
+    corner = torch.where(found, torch.floor(u * (frame - box + 1)), torch.div(frame - fall, 2, rounding_mode="floor"))
+    return torch.cat([corner, torch.where(found, box, fall)], 1).long()
 
 
 @dataclass(frozen=True)
 class View:
-    """One view's random transform (a recipe is two). In this order, each with its own probability
-    per sample: crop (RandomResizedCrop's scale; None: the whole image), flip, ColorJitter (in random
-    order), grayscale, Gaussian blur, solarize (at 0.5), then normalise by norm = (mean, std)."""
+    """One view's transform, in this order, each with its probability per sample: crop (RandomResizedCrop's
+    scale; None: the whole image), flip, ColorJitter (ops in random order), grayscale, Gaussian blur,
+    solarize (at 0.5), then normalise by norm = (mean, std)."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
@@ -625,7 +613,7 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """All random parameters of one View of n images, drawn in a fixed order from g (CPU)."""
+    """The random parameters of a View of n images, drawn in a fixed order from g (CPU)."""
     coin = lambda p: torch.rand(n, generator=g) < p
     b, c, s, h = view.jitter
     lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
@@ -637,9 +625,8 @@ def sample_view(n, height, width, g, view):
 
 
 class Augmentation:
-    """Two random views of a batch of whole uint8 images on its device, as a recipe (View, View) says;
-    the eval transform is the whole image resized and normalised. The blur kernel is an odd ~10% of
-    image_size (23 at 224 px as in the papers). On the CPU: bit for bit each op on its own samples."""
+    """Two views of a batch of whole uint8 images on its device, as a recipe (View, View) says; eval:
+    the whole image resized and normalised. On the CPU: bit for bit each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -650,8 +637,8 @@ class Augmentation:
         self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None, recipe=None):
-        """x (B, 3, S, S) uint8, sizes (B, 2) the originals' (height, width) -> two float32 views;
-        extra() draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
+        """x (B, 3, S, S) uint8 of originals sized (B, 2) (height, width) -> two float32 views; extra()
+        draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
         n, s = len(x), x.shape[-1]
         sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
         recipe = recipe or self.recipe
@@ -663,11 +650,11 @@ class Augmentation:
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def view(self, x, g, v, sizes=None):
-        """One View of the batch; one with nothing random is the eval transform and draws nothing."""
+        """One View of the batch; one with nothing random is `eval` and draws nothing."""
         return self.views(x, g, sizes, recipe=(v,))[0]
 
     def _params(self, v, n, s, g, sizes):
-        """One View's parameters (CPU): the tensors _apply reads, in its order, and the jitter's slices."""
+        """The tensors _apply reads, in its order, and the jitter's slices."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
