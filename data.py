@@ -1,7 +1,5 @@
-"""Datasets and batched augmentations of the five method scripts. Images are decoded once into one uint8
-tensor (N, 3, S, S), cached in `<root>/.cache/`, each whole (original sizes in ds.sizes: the authors crop
-the original and evaluate on it resized), and augmented a batch at a time on the device as torchvision's
-ops would, drawn from a seeded CPU generator."""
+"""Datasets and batched augmentations: images decoded once into one cached uint8 tensor (N, 3, S, S), each
+whole (the authors crop the original), augmented a batch at a time on the device as torchvision's ops."""
 
 import functools
 import hashlib
@@ -14,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # classes per dataset, as the papers use them
@@ -29,7 +26,7 @@ IMAGENET_WNIDS = {
     "imagenet-dogs": "n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
                      "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137".split(),
 }
-# CIFAR-100's 20 super-classes (coarse ids in alphabetical order, as its meta file) and their classes
+# CIFAR-100's 20 super-classes (coarse ids in sorted order, as its meta file)
 CIFAR100_SUPERCLASSES = dict(line.split(": ") for line in """\
 aquatic_mammals: beaver dolphin otter seal whale
 fish: aquarium_fish flatfish ray shark trout
@@ -54,10 +51,7 @@ vehicles_2: lawn_mower rocket streetcar tank tractor""".splitlines())
 # fine label id (names sorted, as torchvision's CIFAR100.classes) -> coarse id
 _coarse_of = {f: c for c, name in enumerate(sorted(CIFAR100_SUPERCLASSES)) for f in CIFAR100_SUPERCLASSES[name].split()}
 CIFAR100_COARSE = [_coarse_of[f] for f in sorted(_coarse_of)]
-# torchvision's class, its folder in --data-root, the download
-TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-               "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-               "stl10": ("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")}
+TORCHVISION = ("cifar10", "cifar100", "stl10")  # torchvision's classes, by name.upper()
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,13 +78,12 @@ class ImageSet:
         return len(self.images)
 
 
-# --- Loading: each source is images (in memory or files), labels and class names, which load_dataset
-# subsets, checks against the run's needs and stores.
+# --- Loading
 
 def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, seed=1, num_clusters=None,
                  with_unlabeled=False, storage_size=None, cache_dir=None, need=None, memory=None):
-    """A named dataset (DATASETS) or an image folder as an ImageSet at storage_side's S (by default
-    native: the papers crop the original). need: --batch-size, checked before decoding."""
+    """A named dataset (DATASETS) or an image folder at storage_side's S (by default native: the papers
+    crop the original). need: --batch-size, checked before decoding."""
     for flag, value, least, what in (("num-clusters", num_clusters, 2, "at least 2"), ("max-images", max_images, 2,
                                      "at least 2"), ("storage-size", storage_size, 1, "a positive number of pixels")):
         if value is not None and value < least:
@@ -104,12 +97,12 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None].expand(-1, 3, -1, -1)
         source = x, [f"digits/{i}" for i in range(len(x))], d.target, [str(c) for c in range(10)]
     elif name in TORCHVISION:  # train and test pooled: the papers' transductive protocol
-        parts = {split: _torchvision(name, root, split) for split in ("train", "test")}
-        files = [f"{name}/{split}/{i}" for split, (x, _, _) in parts.items() for i in range(len(x))]
-        labels, classes = [y for _, ys, _ in parts.values() for y in ys], parts["test"][2]
+        (a, labels, _), (b, more, classes) = [_torchvision(name, root, split) for split in ("train", "test")]
+        files = [f"{name}/train/{i}" for i in range(len(a))] + [f"{name}/test/{i}" for i in range(len(b))]
+        labels += more
         if name == "cifar100":  # 20 super-classes as ground truth, as CC and DCSC report CIFAR-100
             labels, classes = [CIFAR100_COARSE[y] for y in labels], sorted(CIFAR100_SUPERCLASSES)
-        source = torch.cat([x for x, _, _ in parts.values()]), files, labels, classes
+        source = torch.cat([a, b]), files, labels, classes
     elif name in IMAGENET_WNIDS:
         wnids, candidates = IMAGENET_WNIDS[name], [os.path.join(root, name), os.path.join(root, "imagenet", "train")]
         folder = next((f for f in candidates if all(os.path.isdir(os.path.join(f, w)) for w in wnids)), None)
@@ -122,8 +115,8 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
         source = _chaoyang(os.path.join(root, "chaoyang"))
     elif name in DATASETS or os.path.isdir(name):
         folder = os.path.join(root, {"tiny-imagenet": "tiny-imagenet-200/train"}.get(name, name)) if name in DATASETS else name
-        if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):
-            folder = os.path.join(folder, "images")  # DTD as published, beside labels/ and imdb/
+        if name == "dtd" and os.path.isdir(os.path.join(folder, "images")):  # DTD as published
+            folder = os.path.join(folder, "images")
         if name == "tiny-imagenet" and not os.path.isdir(folder):
             raise DataError(f"Tiny-ImageNet not found: expected {folder}/<wnid>/images/*.JPEG; download "
                             f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {root}/")
@@ -184,8 +177,8 @@ def load_dataset(name_or_path, root="./data", image_size=224, max_images=None, s
 
 
 def storage_side(n, native, given=None, memory=None, cached=None):
-    """`given` (--storage-size), else the native side, or where n x 3 x S^2 bytes exceed `memory` the
-    largest S that fits (a cache's S kept till native fits)."""
+    """`given` (--storage-size), else native, or where n x 3 x S^2 bytes exceed `memory` the largest S
+    that fits (a cache's S kept till native fits)."""
     if given or memory is None or n * 3 * native ** 2 <= memory:
         return min(given or native, native)
     return cached if cached and cached < native else max(1, math.isqrt(memory // (3 * n)))
@@ -210,24 +203,24 @@ def _resize_uint8(x, size):
         return x
     out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
     for i in range(0, len(x), 1024):
-        chunk = F.interpolate(x[i:i + 1024].float(), size=(size, size), mode="bilinear", antialias=True)
-        out[i:i + 1024] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+        y = torch.nn.functional.interpolate(x[i:i + 1024].float(), (size, size), mode="bilinear", antialias=True)
+        out[i:i + 1024] = y.round_().clamp_(0, 255)
     return out
 
 
 def _torchvision(name, root, split):
     import torchvision
-    cls, folder, url = TORCHVISION[name]
-    cls, kw = getattr(torchvision.datasets, cls), {"split": split} if name == "stl10" else {"train": split == "train"}
+    cls = getattr(torchvision.datasets, name.upper())
+    kw = {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
         d = cls(root, download=False, **kw)
     except RuntimeError:
         try:
             d = cls(root, download=True, **kw)
         except Exception as e:
-            raise DataError(f"{cls.__name__} is not in {os.path.join(root, folder)} and could not be downloaded "
-                            f"({type(e).__name__}: {e}); download {url} and extract it into {root}/ (or pass "
-                            f"--data-root)") from e
+            raise DataError(f"{cls.__name__} is not in {os.path.join(root, cls.base_folder)} and could not be "
+                            f"downloaded ({type(e).__name__}: {e}); download {cls.url} and extract it into {root}/ "
+                            f"(or pass --data-root)") from e
     x = torch.from_numpy(d.data)
     if name == "stl10":
         return x, [int(y) for y in d.labels], d.classes
@@ -235,7 +228,7 @@ def _torchvision(name, root, split):
 
 
 def _folder(folder, num_clusters, only=None):
-    """The images in folder's (or its `only`) class folders, searched recursively, or a flat folder's."""
+    """The images in folder's class folders (or `only` those), searched recursively, or in a flat folder."""
     listing = []
     for sub in only or [""]:
         for top, dirs, fnames in os.walk(os.path.join(folder, sub), followlinks=True):
@@ -296,7 +289,7 @@ def _chaoyang(folder):
 
 
 def _stored(folder, listing, labels, keep, side, max_images, seed, cache_dir, name):
-    """The listed files (`keep` of them) decoded at storage_side(*side), or from the cache."""
+    """The listed files (`keep` of them) at storage_side(*side), decoded or from the cache."""
     key = [CACHE_VERSION, os.path.abspath(folder), listing, None if labels is None else labels.tolist(), max_images, seed, side[0]]
     cache = os.path.join(cache_dir, f"{name}-{side[0] or 'native'}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if os.path.exists(cache):
@@ -360,32 +353,25 @@ def _image_size(path):  # (width, height), None if unreadable
 
 
 def _decode(path, size):
-    """One image whole as (size, size, 3) uint8 RGB (aspect not kept)."""
+    """(size, size, 3) uint8 RGB, greys by their real range (Pillow's convert clips 16-bit ones to white,
+    0-1 floats to black), transparency on white."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decoded at a smaller scale that still covers size x size
-        im = to_rgb(im)
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            x = np.asarray(im).astype(np.float64)
+            lo, hi = 0.0, 1.0 if im.mode == "F" else 65535.0
+            if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
+                x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
+                lo, hi = float(x.min()), float(x.max())
+            im = Image.fromarray(np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8))
+        if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+            im = im.convert("RGBA")
+        if im.mode == "RGBA":
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+        im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
         return np.asarray(im)
-
-
-def to_rgb(im):
-    """Any image as 8-bit RGB, each mode by its real range (Pillow's convert("RGB") clips 16-bit greys to
-    white and 0-1 floats to black): integer greys from 0-65535, float greys 0-1, else their own min-max;
-    transparency on white, as a viewer shows it."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        x = np.asarray(im).astype(np.float64)
-        lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
-        if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
-            x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
-            lo, hi = float(x.min()), float(x.max())
-        grey = np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
@@ -406,19 +392,16 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
     on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
         idx = {d: o[start:start + batch_size].tensor_split(world_size)[rank] for d, o in on.items()}
-        y = labels[idx[labels.device]] if labels is not None else None
-        x = images[idx[images.device]]
-        idx = idx[torch.device("cpu")]
+        x, y = images[idx[images.device]], labels[idx[labels.device]] if labels is not None else None
         if device is not None and x.device != device:
             if x.device.type == "cpu" and device.type == "cuda":  # only a CPU tensor can be pinned
                 x = x.pin_memory()
             x = x.to(device, non_blocking=True)
-        yield x, y, idx
+        yield x, y, idx[torch.device("cpu")]
 
 
-# --- Augmentation ops on float images in [0, 1] (B, 3, H, W), each as torchvision's. No host sync: the
-# parameters come in one copy (to_device), constants are made on the device (_vector), and per-sample
-# choices are torch.where, a parameter that changes nothing, or a slice of the batch.
+# --- Augmentation ops on floats in [0, 1] (B, 3, H, W), as torchvision's, with no host sync: parameters come
+# in one copy (to_device), constants are made on the device (_vector), per-sample choices are where or slices.
 
 @functools.lru_cache(maxsize=None)
 def _vector(values, device):
@@ -427,7 +410,7 @@ def _vector(values, device):
 
 
 def to_device(tensors, device):
-    """CPU tensors on `device` by ONE non-blocking copy of a pinned byte buffer."""
+    """CPU tensors on `device` by ONE non-blocking copy of a pinned buffer."""
     device, tensors = torch.device(device), list(tensors)
     if device.type == "cpu" or not tensors:
         return tensors
@@ -436,7 +419,7 @@ def to_device(tensors, device):
 
 
 def _pack(tensors, pin=False):
-    """(the tensors' bytes in one uint8 buffer, a function viewing a copy of it as the tensors)."""
+    """(the tensors' bytes in a uint8 buffer, a function viewing a copy of it as the tensors)."""
     tensors = [t.contiguous() for t in tensors]
     sizes = [t.nbytes for t in tensors]
     starts = [sum(-(-n // 8) * 8 for n in sizes[:i]) for i in range(len(sizes))]  # 8-byte aligned for .view(dtype)
@@ -447,8 +430,8 @@ def _pack(tensors, pin=False):
 
 
 def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
-    """Boxes (B, 4) = (top, left, height, width) in originals of sizes (B, 2) when given, as the parts
-    of their _crop_weights small enough to make on the CPU; flip (B,): mirrored."""
+    """Boxes (B, 4) = (top, left, height, width) in originals of sizes (B, 2) (default: S x S) as the
+    parts of their _crop_weights small enough to make on the CPU; flip (B,): mirrored."""
     offset, length = boxes[:, :2], boxes[:, 2:]  # rows, columns
     if sizes is not None:  # the same part, at least one stored pixel wide
         f = n_in / sizes.to(torch.float32)
@@ -463,15 +446,14 @@ def _crop_grid(boxes, n_in, size, flip=None, sizes=None):
 
 
 def _crop_weights(c, center, support, inside):
-    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True); a
-    fractional box takes the pixels whose centres lie in it."""
+    """(B, 2, size, S) row and column weights of torchvision's resized_crop(..., antialias=True); a fractional
+    box takes the pixels whose centres lie in it."""
     t = (c[..., None, :] - center[..., :, None]) / support[..., None, None]
     w = (1 - t.abs()).clamp(min=0) * inside[..., None, :]
     return w / w.sum(-1, keepdim=True)
 
 
 def _resample(x, w):
-    """uint8 gives floats in [0, 1]."""
     ry, rx = w[:, 0], w[:, 1]
     if x.dtype == torch.uint8:
         x, ry = x.float(), ry / 255
@@ -515,9 +497,8 @@ def _jitter_stage(x, f, bright, sat, out=None):
 
 
 def _jitter_stages(factors, order, apply):
-    """Each sample's ColorJitter order as stages: the costly hue one for all, the ops before it 0-2, after
-    it 3-5. Jittered samples first, by the hue's place p, each stage is a slice: k < 3 takes p > k
-    (order[k]), 3 + k p <= k (order[k + 1])."""
+    """Each sample's ColorJitter order as stages: the costly hue one for all, the ops before it 0-2, after it
+    3-5. Jittered samples first, by the hue's place p, stage k < 3 takes p > k (order[k]), 3 + k p <= k."""
     at = (order == 3).int().argmax(1)  # the hue's place in each order
     perm = torch.where(apply, 3 - at, 4).argsort(stable=True)  # jittered first, latest hue first
     order, factors, at, m = order[perm], factors[perm], at[perm], int(apply.sum())
@@ -548,7 +529,7 @@ def _reflect_index(n, kernel_size, device):
 
 
 def blur(x, k):
-    """torchvision's gaussian_blur, kernel k (B, kernel_size) per sample: a banded matrix on rows and columns."""
+    """torchvision's gaussian_blur, kernel k (B, kernel_size): a banded matrix per sample on rows and columns."""
     n, size = x.shape[-1], k.shape[1]
     m = torch.zeros(len(x), n, n, device=x.device)
     m.scatter_add_(2, _reflect_index(n, size, x.device).expand(len(x), n, -1), k[:, None, :].expand(-1, n, -1))
@@ -613,7 +594,7 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # a View's norm for ImageNet statistic
 
 
 def sample_view(n, height, width, g, view):
-    """The random parameters of a View of n images, drawn in a fixed order from g (CPU)."""
+    """A View's random parameters for n images, drawn in a fixed order from g."""
     coin = lambda p: torch.rand(n, generator=g) < p
     b, c, s, h = view.jitter
     lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
@@ -625,8 +606,8 @@ def sample_view(n, height, width, g, view):
 
 
 class Augmentation:
-    """Two views of a batch of whole uint8 images on its device, as a recipe (View, View) says; eval:
-    the whole image resized and normalised. On the CPU: bit for bit each op on its own samples."""
+    """Two views of a batch of whole uint8 images on its device, as a recipe (View, View) says; eval: the
+    whole image resized and normalised. On the CPU: bit for bit each op on its own samples."""
 
     def __init__(self, recipe, image_size):
         recipe = tuple(recipe)
@@ -637,8 +618,8 @@ class Augmentation:
         self.recipe, self.size, self.kernel, self.norm = recipe, image_size, blur_kernel_size(image_size), recipe[0].norm
 
     def views(self, x, generator, sizes=None, extra=None, recipe=None):
-        """x (B, 3, S, S) uint8 of originals sized (B, 2) (height, width) -> two float32 views; extra()
-        draws more CPU tensors (PICI's masking noise), sent with them, a third item."""
+        """x (B, 3, S, S) uint8 of originals sized (B, 2) (height, width) -> two float32 views; extra() draws
+        more CPU tensors (PICI's masking noise), sent with them, a third item."""
         n, s = len(x), x.shape[-1]
         sizes = torch.tensor([[s, s]]).expand(n, 2) if sizes is None else sizes.cpu()
         recipe = recipe or self.recipe
@@ -650,11 +631,10 @@ class Augmentation:
         return (*out, list(moved)) if extra is not None else tuple(out)
 
     def view(self, x, g, v, sizes=None):
-        """One View of the batch; one with nothing random is `eval` and draws nothing."""
+        """One View; one with nothing random is `eval` and draws nothing."""
         return self.views(x, g, sizes, recipe=(v,))[0]
 
     def _params(self, v, n, s, g, sizes):
-        """The tensors _apply reads, in its order, and the jitter's slices."""
         q = sample_view(n, sizes[:, 0], sizes[:, 1], g, v)
         # ResizedCrop "crops an image to a random size" (CC paper, Sec. 3.1): the box is drawn on the
         # original, as RandomResizedCrop on the full image. The flip comes with the crop: it commutes
