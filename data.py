@@ -67,7 +67,7 @@ class DataError(ValueError):
 class ImageSet:
     images: torch.Tensor  # (N, 3, S, S) uint8, CPU: each image whole, squashed to S x S
     sizes: torch.Tensor  # (N, 2) int64: each original's (height, width), the frame crops are drawn in
-    labels: torch.Tensor | None  # (N,) int64
+    labels: torch.Tensor | None
     files: list  # paths in the folder, or "cifar10/train/123"-style ids
     classes: list
     num_classes: int  # K: --num-clusters, else len(classes)
