@@ -352,26 +352,30 @@ def _image_size(path):  # (width, height), None if unreadable
         return None
 
 
-def _decode(path, size):
-    """(size, size, 3) uint8 RGB, greys by their real range (Pillow's convert clips 16-bit ones to white,
-    0-1 floats to black), transparency on white."""
+def _decode(path, size):  # (size, size, 3) uint8 RGB, aspect not kept
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decoded at a smaller scale that still covers size x size
-        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-            x = np.asarray(im).astype(np.float64)
-            lo, hi = 0.0, 1.0 if im.mode == "F" else 65535.0
-            if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
-                x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
-                lo, hi = float(x.min()), float(x.max())
-            im = Image.fromarray(np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8))
-        if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
-            im = im.convert("RGBA")
-        if im.mode == "RGBA":
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)  # PIL widens the filter when shrinking: antialiased
         return np.asarray(im)
+
+
+def to_rgb(im):
+    """8-bit RGB, greys by their real range (Pillow's convert clips 16-bit ones to white, 0-1 floats to
+    black): integers 0-65535, floats 0-1, else their min-max; transparency on white."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = np.asarray(im).astype(np.float64)
+        lo, hi = 0.0, 1.0 if im.mode == "F" else 65535.0
+        if x.min() < lo or x.max() > hi or not np.isfinite(x).all():
+            x = np.nan_to_num(x, posinf=0.0, neginf=0.0)
+            lo, hi = float(x.min()), float(x.max())
+        im = Image.fromarray(np.round((x - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8))
+    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+    return im.convert("RGB")
 
 
 def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=None, rank=0, world_size=1, device=None):
