@@ -392,7 +392,7 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
         torch.distributed.broadcast(order, src=0)
         order = order.cpu()
     device = torch.device(device) if device is not None else None
-    # the epoch's order where images and labels live, in one copy, not one per step
+    # the order where images and labels live, copied once per epoch, not per step
     on = {d: to_device([order], d)[0] for d in {torch.device("cpu"), images.device, getattr(labels, "device", images.device)}}
     for start in range(0, n - n % batch_size if drop_last else n, batch_size):
         idx = {d: o[start:start + batch_size].tensor_split(world_size)[rank] for d, o in on.items()}
@@ -555,8 +555,8 @@ def _uniform(shape, lo, hi, g):
 
 
 def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop boxes (n, 4) = (top, left, h, w) of originals height x width (numbers or
-    (n,) tensors): torchvision's 10 tries, then its fallback."""
+    """RandomResizedCrop boxes (n, 4) = (top, left, h, w) in originals height x width (numbers or (n,)
+    tensors): torchvision's 10 tries, then its fallback."""
     height, width = (torch.as_tensor(v, dtype=torch.float64).expand(n)[:, None] for v in (height, width))
     area = height * width * _uniform((n, 10), *scale, g)
     aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g))
@@ -576,9 +576,9 @@ def sample_crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
 
 @dataclass(frozen=True)
 class View:
-    """One view's transform, in this order, each with its probability per sample: crop (RandomResizedCrop's
-    scale; None: the whole image), flip, ColorJitter (ops in random order), grayscale, Gaussian blur,
-    solarize (at 0.5), then normalise by norm = (mean, std)."""
+    """One view's transform, in this order, each op with its probability per sample: crop (RandomResizedCrop's
+    scale; None: whole), flip, ColorJitter (random order), grayscale, Gaussian blur, solarize (at 0.5);
+    then normalise by norm = (mean, std)."""
     crop: tuple | None = None
     flip: float = 0.0
     jitter: tuple = (0.0, 0.0, 0.0, 0.0)
