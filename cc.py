@@ -179,7 +179,7 @@ def evaluate(model, images, aug, run, num_clusters, seed):
 def main(argv=None):
     args = common.parse_args(Args, argv, description=__doc__, method="cc")
     run = common.Run(args, "cc")  # device, precision, rank; the run folder, made only when training starts
-    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and args.heads != "cluster")
+    ds = data.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and args.heads != "cluster")
     augmented = recipe(args.recipe, ds.name)["views"]
     raw = data.View(norm=augmented[0].norm)  # Table 3's x: nothing random, the whole image resized as at evaluation
     views = {"aug-aug": augmented, "aug-raw": (augmented[0], raw), "raw-raw": (raw, raw)}[args.views]
@@ -192,7 +192,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
     start_epoch, _ = run.start("CC", ds, model, optimizer, scaler)  # --eval-only's or --resume's checkpoint, if any
-    images = common.place_images(ds.images, args.data_on_device, run)
+    images = data.place_images(ds.images, args.data_on_device, run)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
 
     def step(loss):

@@ -6,7 +6,6 @@ import atexit
 import csv
 import dataclasses
 import datetime
-import errno
 import io
 import json
 import math
@@ -22,7 +21,6 @@ import sys
 import threading
 import time
 import unicodedata
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -406,64 +404,6 @@ def export_features(run, fn, model, images, transform):
     model.train()
 
 
-def host_memory():
-    """Bytes of host memory available now (Linux: MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def store_memory(args, run, share=0.25):
-    """What the uint8 dataset may take (data.storage_side): half the host's available memory; under
-    --data-on-device yes also place_images' share of the GPU's (auto: too large, it stays on the host)."""
-    host = host_memory()
-    limits = [host // 2] if host else []
-    if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
-        limits.append(int(share * torch.cuda.mem_get_info(run.device)[0]))
-    return min(limits, default=None)
-
-
-def place_images(images, choice, run, share=0.25):
-    """The uint8 dataset on the GPU when it fits in `share` of its free memory (auto): no host transfers."""
-    if run.device.type != "cuda" or choice == "no" or choice == "auto" and \
-            images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
-        return images
-    return images.to(run.device)
-
-
-def load_data(args, run, with_unlabeled=False):
-    """data.load_dataset, its errors and warnings as one line each; under torchrun rank 0 decodes and caches first."""
-    import data
-
-    cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
-    memory = store_memory(args, run)  # measured before rank 0 decodes, so that all choose one size
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for turn in (True, False):
-                if run.distributed and turn != run.is_main:
-                    torch.distributed.barrier()
-                if turn == run.is_main:
-                    ds = data.load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
-                                           seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
-                                           storage_size=args.storage_size, cache_dir=str(cache),
-                                           need=None if args.eval_only else args.batch_size, memory=memory)
-        for w in caught if run.is_main else []:
-            print(f"warning: {w.message}", file=sys.stderr, flush=True)
-    except data.DataError as e:
-        fail(str(e))
-    except OSError as e:  # the decoded-image cache cannot be written, e.g. a read-only --data-root
-        where = Path(str(e.filename or "")).absolute()
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) or \
-                cache not in (where, *where.parents) and where not in cache.parents:
-            raise
-        fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
-    args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
-    return ds
-
-
 # --- The run folder and its checkpoint
 def writable(path):
     """Could this process make files in `path`? Asks the nearest folder that exists."""
@@ -519,6 +459,7 @@ def lock_holder(path, take=False):
             return f.read().strip() or "unknown"
     if take:
         _LOCKS[lock.parent.resolve()] = f
+        atexit.register(f.close)
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()

@@ -1,18 +1,23 @@
 """Datasets and batched augmentations: images decoded once into one cached uint8 tensor (N, 3, S, S), each
 whole (the authors crop the original), augmented a batch at a time on the device as torchvision's ops."""
 
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+import common
 
 # classes per dataset, as the papers use them
 DATASETS = {
@@ -402,6 +407,64 @@ def batches(images, labels, batch_size, shuffle=True, drop_last=True, generator=
                 x = x.pin_memory()
             x = x.to(device, non_blocking=True)
         yield x, y, idx[torch.device("cpu")]
+
+
+# --- A run's dataset: decoded once by rank 0, errors as one line, on the GPU when it fits
+def host_memory():
+    """Bytes of host memory available now (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def store_memory(args, run, share=0.25):
+    """What the uint8 dataset may take (storage_side): half the host's available memory; under
+    --data-on-device yes also place_images' share of the GPU's (auto: too large, it stays on the host)."""
+    host = host_memory()
+    limits = [host // 2] if host else []
+    if args.data_on_device == "yes" and getattr(run, "device", torch.device("cpu")).type == "cuda":
+        limits.append(int(share * torch.cuda.mem_get_info(run.device)[0]))
+    return min(limits, default=None)
+
+
+def place_images(images, choice, run, share=0.25):
+    """The uint8 dataset on the GPU when it fits in `share` of its free memory (auto): no host transfers."""
+    if run.device.type != "cuda" or choice == "no" or choice == "auto" and \
+            images.numel() > share * torch.cuda.mem_get_info(run.device)[0]:
+        return images
+    return images.to(run.device)
+
+
+def load_data(args, run, with_unlabeled=False):
+    """load_dataset for a run's flags, its errors and warnings as one line each; under torchrun rank 0 decodes
+    and caches first."""
+    cache = Path(args.cache_dir or Path(args.data_root) / ".cache").absolute()
+    memory = store_memory(args, run)  # measured before rank 0 decodes, so that all choose one size
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for turn in (True, False):
+                if run.distributed and turn != run.is_main:
+                    torch.distributed.barrier()
+                if turn == run.is_main:
+                    ds = load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, max_images=args.max_images,
+                                      seed=args.seed, num_clusters=args.num_clusters, with_unlabeled=with_unlabeled,
+                                      storage_size=args.storage_size, cache_dir=str(cache),
+                                      need=None if args.eval_only else args.batch_size, memory=memory)
+        for w in caught if run.is_main else []:
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    except DataError as e:
+        common.fail(str(e))
+    except OSError as e:  # the decoded-image cache cannot be written, e.g. a read-only --data-root
+        where = Path(str(e.filename or "")).absolute()
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) or \
+                cache not in (where, *where.parents) and where not in cache.parents:
+            raise
+        common.fail(f"cannot write the image cache in {cache} ({e.strerror}): pass --cache-dir a folder you can write to")
+    args.num_clusters = ds.num_classes  # recorded with the run: --eval-only on another folder keeps the model's K
+    return ds
 
 
 # --- Augmentation ops on floats in [0, 1] (B, 3, H, W), as torchvision's, with no host sync: parameters come

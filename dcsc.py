@@ -231,7 +231,7 @@ def main(argv=None):
     common.check(args.overcluster is None or args.overcluster >= 2, f"--overcluster must be at least 2, got {args.overcluster}")
     run = common.Run(args, "dcsc")  # device, precision, rank; the run folder, made only when training starts
     use = {part: args.ablate != part for part in ("flc", "clc", "slc")}
-    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and use["flc"])
+    ds = data.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10" and use["flc"])
     aug = data.Augmentation(recipe(args.recipe, ds.name)["views"], args.image_size)
     unlabeled = ds.unlabeled  # None but for STL-10
     overcluster = args.overcluster or (700 if ds.name == "tiny-imagenet" else 70)  # Sec. 4.2
@@ -244,7 +244,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
     start_epoch, _ = run.start("DCSC" + (f" w/o {args.ablate}" if args.ablate else ""), ds, model, optimizer, scaler)
-    images = common.place_images(ds.images, args.data_on_device, run)
+    images = data.place_images(ds.images, args.data_on_device, run)
     zero = torch.zeros((), device=run.device)
     epoch_steps = sum(len(x) // args.batch_size for x in (images, unlabeled) if x is not None)  # data.batches drops the last partial batch
 

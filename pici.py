@@ -397,7 +397,7 @@ def main(argv=None):
                  f"--mask-ratio {args.mask_ratio} must remove at least one of the {(args.image_size // 16) ** 2} patches and keep one: use e.g. 0.5")
     common.check(args.heads == "both" or not cli, f"--heads {args.heads}: CLI needs both heads (pseudo-labels from one, targets for the other): add --ablate cli")
     run = common.Run(args, "pici")  # device, precision, rank; the run folder, made only when training starts
-    ds = common.load_data(args, run)
+    ds = data.load_data(args, run)
     settings = recipe(args.recipe)
     aug = data.Augmentation(settings["views"], args.image_size)
     # heads idle while pre-training, the decoder while boosting: DDP must allow unused parameters
@@ -412,7 +412,7 @@ def main(argv=None):
     common.check(not state or args.eval_only or start_epoch == 0 or stage_of(start_epoch - 1, lengths) == state["stage"],
                  f"the checkpoint's epoch {start_epoch} was in stage {state and state['stage']}, this schedule {lengths} puts it in "
                  f"{stage_of(start_epoch - 1, lengths)}: give the stage lengths it was trained with {state and tuple(state['stages'])}")
-    images = common.place_images(ds.images, args.data_on_device, run)
+    images = data.place_images(ds.images, args.data_on_device, run)
     active = {"pisd": pisd, "instance": args.heads != "cluster", "cluster": args.heads != "instance", "cli": cli}
     stage_terms = {stage: [t for t in terms if active[t]] for stage, terms in STAGES.items()}  # the losses of each stage
     ends = [sum(lengths[:i + 1]) for i in range(3)]  # last epoch (1-based) of each stage

@@ -195,7 +195,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv, description=__doc__, method="vitic")
     common.check(args.image_size % 16 == 0, f"--image-size must be a multiple of 16 (the conv stem down-samples by 16), got {args.image_size}: use e.g. 32, 64 or 128")
     run = common.Run(args, "vitic")  # device, precision, rank; the run folder, made only when training starts
-    ds = common.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
+    ds = data.load_data(args, run, with_unlabeled=args.stl10_unlabeled and args.dataset == "stl10")
     settings = recipe(args.recipe)
     aug = data.Augmentation(settings["views"], args.image_size)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.feature_dim), run,
@@ -206,7 +206,7 @@ def main(argv=None):
     start_epoch, _ = run.start("ViT-IC", ds, model, optimizer, scaler)  # --eval-only's or --resume's checkpoint, if any
     train_images, train_sizes = training_images(ds)  # STL-10: the labeled and unlabeled images, shuffled together
     ds.unlabeled = None  # held once, in train_images
-    images = common.place_images(train_images, args.data_on_device, run)
+    images = data.place_images(train_images, args.data_on_device, run)
     evaluated = images[:len(ds.images)]  # the labeled images, first in train_images (and on the GPU with them)
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
 

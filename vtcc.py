@@ -193,7 +193,7 @@ def main(argv=None):
     common.check(args.image_size % 16 == 0 and args.image_size >= 16,
                  f"--image-size {args.image_size} is not a multiple of 16 (the ViT stem down-samples by 16): use e.g. 32, 64, 128 or 224")
     run = common.Run(args, "vtcc")  # device, precision, rank; the run folder, made only when training starts
-    ds = common.load_data(args, run)
+    ds = data.load_data(args, run)
     aug = data.Augmentation(recipe(args.recipe)["views"], args.image_size)
     model, net = common.prepare(Network(ds.num_classes, args.image_size, args.vit, args.stem, args.feature_dim, args.heads),
                                 run, channels_last=True, compile=args.compile)
@@ -201,7 +201,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # fp16 only
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None)  # bf16/fp16 forward, fp32 losses
     start_epoch, _ = run.start("VTCC", ds, model, optimizer, scaler, same=("heads", "vit", "stem"))  # --eval-only's or --resume's
-    images = common.place_images(ds.images, args.data_on_device, run)
+    images = data.place_images(ds.images, args.data_on_device, run)
     terms = [t for t in ("instance", "cluster") if args.heads in ("both", t)]
     epoch_steps = len(images) // args.batch_size  # data.batches drops the last partial batch
 

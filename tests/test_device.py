@@ -107,11 +107,11 @@ def test_place_images_keeps_the_dataset_on_the_gpu_when_it_fits(gpu):
     with FakeTensorMode(allow_non_fake_inputs=True):
         images = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
         gpu(free=100 * images.numel())
-        assert common.place_images(images, "auto", env).device == torch.device("cuda", 0)
-        assert common.place_images(images, "no", env) is images
+        assert data.place_images(images, "auto", env).device == torch.device("cuda", 0)
+        assert data.place_images(images, "no", env) is images
         gpu(free=2 * images.numel())  # more than a quarter of the free memory: stays on the CPU
-        assert common.place_images(images, "auto", env) is images
-        assert common.place_images(images, "yes", env).device.type == "cuda"
+        assert data.place_images(images, "auto", env) is images
+        assert data.place_images(images, "yes", env).device.type == "cuda"
 
 
 class HostReads(TorchDispatchMode):
@@ -294,14 +294,14 @@ def test_each_epoch_and_process_draws_its_own_stream_so_a_checkpoint_needs_none(
 # --- evaluation reads the dataset where it was placed ---------------------------------------------------------
 @pytest.mark.parametrize("method", ["cc", "vitic"])
 def test_evaluation_reads_the_placed_dataset(tmp_path, image_folder, monkeypatch, method):
-    """On a GPU the dataset is placed once (common.place_images); evaluation must read that copy,
+    """On a GPU the dataset is placed once (data.place_images); evaluation must read that copy,
     not upload ds.images again. Here the placed copy is marked, and every predict call must get it."""
     import importlib
 
     from conftest import in_process
 
     placed, given = [], []
-    real_place, real_predict = common.place_images, common.predict
+    real_place, real_predict = data.place_images, common.predict
 
     def place(images, choice, run):
         placed.append(real_place(images, choice, run).clone())
@@ -311,7 +311,7 @@ def test_evaluation_reads_the_placed_dataset(tmp_path, image_folder, monkeypatch
         given.append(images)
         return real_predict(fn, images, *a, **kw)
 
-    monkeypatch.setattr(common, "place_images", place)
+    monkeypatch.setattr(data, "place_images", place)
     monkeypatch.setattr(common, "predict", predict)
     in_process(importlib.import_module(method), "--dataset", image_folder, "--max-images", 32, "--image-size", 32, "--batch-size", 16,
                "--epochs", 2, "--eval-every", 1, "--run-name", "run", *(["--backbone", "resnet18"] if method == "cc" else ["--feature-dim", 16]),

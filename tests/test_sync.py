@@ -173,7 +173,7 @@ def count_steps(module, argv, steps=2, device="meta"):
         return run
 
     changes = [(common, "pick_device", lambda name, local_rank=None: meta),
-               (common, "place_images", lambda images, choice, env: images.to(env.device)),
+               (data, "place_images", lambda images, choice, env: images.to(env.device)),
                (torch, "tensor", tensor), (data, "batches", batches), (torch.nn.modules.batchnorm._BatchNorm, "forward", bn),
                (data.Augmentation, "views", in_phase("augmentation", real_views)),
                *[(cls, "step", in_phase("optimizer", fn)) for cls, fn in real_steps.items()],

@@ -190,21 +190,21 @@ def test_the_store_fits_the_host_or_the_gpu_it_must_live_in(monkeypatch, tmp_pat
     folder = two_class_folder(tmp_path / "thirds", thirds_image(60, 180))
     args = common.parse_args(__import__("cc").Args, ["--dataset", str(folder), "--data-root", str(tmp_path), "--image-size", "32",
                                                      "--batch-size", "2", "--device", "cpu"])
-    monkeypatch.setattr(common, "host_memory", lambda: 2 * (2 * 3 * 90 ** 2))  # half of it for the store: 90 px
+    monkeypatch.setattr(data, "host_memory", lambda: 2 * (2 * 3 * 90 ** 2))  # half of it for the store: 90 px
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        ds = common.load_data(args, common.Run(args, "cc"))
+        ds = data.load_data(args, common.Run(args, "cc"))
     assert ds.images.shape[-1] == 90
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and "stored at 90 px (--storage-size S sets the side)" in lines[0], lines
-    monkeypatch.setattr(common, "host_memory", lambda: None)  # unknown: no cap
-    assert common.store_memory(args, None) is None
-    monkeypatch.setattr(common, "host_memory", lambda: 10 ** 12)
+    monkeypatch.setattr(data, "host_memory", lambda: None)  # unknown: no cap
+    assert data.store_memory(args, None) is None
+    monkeypatch.setattr(data, "host_memory", lambda: 10 ** 12)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 10 ** 9, 80 * 10 ** 9))
-    assert common.store_memory(args, gpu) == 10 ** 12 // 2  # auto: a store too large for the GPU stays on the host
+    assert data.store_memory(args, gpu) == 10 ** 12 // 2  # auto: a store too large for the GPU stays on the host
     args.data_on_device = "yes"
-    assert common.store_memory(args, gpu) == 2 * 10 ** 9  # yes: a quarter of the GPU's free memory, as place_images
+    assert data.store_memory(args, gpu) == 2 * 10 ** 9  # yes: a quarter of the GPU's free memory, as place_images
 
 
 def test_upsampling_warning(tmp_path):
@@ -222,7 +222,7 @@ def test_scripts_print_the_upsampling_warning_in_one_line(tmp_path):
                                                      "--batch-size", "2", "--device", "cpu"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        common.load_data(args, common.Run(args, "cc"))
+        data.load_data(args, common.Run(args, "cc"))
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: small: 4 of 4 images are smaller than the training size 32 px")
 
@@ -233,7 +233,7 @@ def test_scripts_pass_storage_size(tmp_path, script):
     module = __import__(script)
     args = common.parse_args(module.Args, ["--dataset", str(folder), "--data-root", str(tmp_path), "--image-size", "32",
                                            "--batch-size", "2", "--storage-size", "24"])
-    ds = common.load_data(args, SimpleNamespace(distributed=False, is_main=True))
+    ds = data.load_data(args, SimpleNamespace(distributed=False, is_main=True))
     assert ds.images.shape == (4, 3, 24, 24) and ds.sizes.tolist() == [[40, 48]] * 4
 
 
