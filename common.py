@@ -674,8 +674,8 @@ class Run:
         previous = on_signals(lambda signum, frame: caught.append(signum))
         try:
             if self.is_main:
-                self.last = (epoch, io.BytesIO())
-                torch.save(self.state(epoch), self.last[1])
+                torch.save(self.state(epoch), buffer := io.BytesIO())
+                self.last = epoch, buffer  # only once whole: an error in the copy keeps the one before
                 if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
                     self.write()
         finally:
