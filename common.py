@@ -6,7 +6,6 @@ import atexit
 import csv
 import dataclasses
 import datetime
-import io
 import json
 import math
 import os
@@ -506,6 +505,14 @@ def restore(run, state):
     return state["epoch"]
 
 
+def cpu_copy(obj):
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map(cpu_copy, obj))
+    return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread as KeyboardInterrupt is for Ctrl-C."""
 
@@ -668,14 +675,13 @@ class Run:
         return False
 
     def snapshot(self, epoch):
-        """Rank 0: epoch `epoch` finished, its state serialised in memory (a stop waits for the whole copy),
+        """Rank 0: epoch `epoch` finished, its state copied to host memory (a stop waits for the whole copy),
         written every --save-every epochs and after the last."""
         self.epoch, caught = epoch, []
         previous = on_signals(lambda signum, frame: caught.append(signum))
         try:
             if self.is_main:
-                torch.save(self.state(epoch), buffer := io.BytesIO())
-                self.last = epoch, buffer  # only once whole: an error in the copy keeps the one before
+                self.last = cpu_copy(self.state(epoch))  # only once whole: an error in the copy keeps the one before
                 if epoch % self.args.save_every == 0 or epoch == self.args.epochs:
                     self.write()
         finally:
@@ -686,10 +692,10 @@ class Run:
 
     def write(self):
         """The last finished epoch to checkpoint.pt (through a temporary file), never over a later one."""
-        if self.last and (self.saved is None or self.last[0] > self.saved):
-            (self.path / "checkpoint.tmp").write_bytes(self.last[1].getbuffer())
+        if self.last and (self.saved is None or self.last["epoch"] > self.saved):
+            torch.save(self.last, self.path / "checkpoint.tmp")
             os.replace(self.path / "checkpoint.tmp", self.path / "checkpoint.pt")
-            self.saved, self.last = self.last[0], None
+            self.saved, self.last = self.last["epoch"], None
 
     def progress(self, batches, epoch, steps, totals=None, weights=None):
         """Yield from `batches`, counting the steps of `epoch` (`steps` in all loops). Rank 0 shows step, loss
